@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# torch==2.13.0 is installed first so that the hf extra's unpinned torch resolves to the
+# CPU build instead of a multi-GB CUDA build; users of the package are not pinned.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test lint venv venv-test clean
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.core: $(VENV)/bin/activate pyproject.toml
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/bin/activate pyproject.toml
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[test]'
+	touch $@ $(VENV)/.core
+
+venv: $(VENV)/.core
+venv-test: $(VENV)/.test
+
+demo: $(VENV)/.core
+	$(VENV)/bin/qwenjax demo --out runs/demo
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q --timeout=900 tests
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check qwenjax tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,46 @@
+"""The thin command-line layer: parse arguments, call importable functions, print one line on bad input.
+
+Each subcommand lives in `qwenjax/commands/<name>.py` and exposes `register(subparsers)`, which adds
+its parser and sets `func` (called with the parsed namespace, returns an exit status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from qwenjax.errors import UserError
+
+COMMANDS = ("convert", "generate", "tokenizer", "train", "bench", "sweep", "fit", "predict", "demo")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + line
+        raise UserError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qwenjax", description="Qwen2.5 in JAX/Flax with hyperparameter scaling-law sweeps.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name in COMMANDS:
+        module = importlib.import_module(f"qwenjax.commands.{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        status = args.func(args)
+    except UserError as e:
+        print(f"qwenjax: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qwenjax: interrupted", file=sys.stderr)
+        return 130
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

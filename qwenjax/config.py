@@ -1,0 +1,208 @@
+"""Model configuration: Hugging Face `Qwen2Config` field names, validated at construction, plus presets.
+
+The config is a frozen, hashable dataclass so that jitted functions can take it as a static argument and
+compiled steps are shared between runs of equal shape. Nothing here imports JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from qwenjax.errors import UserError
+
+DTYPES = ("float32", "bfloat16", "float16")
+ROPE_TYPES = ("default", "yarn", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Qwen2 / Qwen2.5 dense decoder. Field names and meanings follow HF `Qwen2Config`."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads (as every Qwen2.5 config)
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1_000_000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # stored as sorted items so the config stays hashable
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    use_sliding_window: bool = False
+    sliding_window: int | None = 4096
+    max_window_layers: int = 28
+    initializer_range: float = 0.02  # std of the normal init of every matrix, as HF
+    dtype: str = "float32"  # compute dtype of matmuls and activations
+    param_dtype: str = "float32"  # storage dtype of the parameters (float32 master weights for training)
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        elif self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", tuple(sorted(tuple(kv) for kv in self.rope_scaling)))
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise UserError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
+            raise UserError(f"model.head_dim must be a positive integer or null, got {self.head_dim!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UserError(
+                f"model.num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"model.num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise UserError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_attention_heads "
+                f"({self.num_attention_heads}) unless model.head_dim is given")
+        if self.resolved_head_dim % 2:
+            raise UserError(f"head_dim must be even for rotary embeddings, got {self.resolved_head_dim}")
+        if not self.rope_theta > 0:
+            raise UserError(f"model.rope_theta must be positive, got {self.rope_theta!r}")
+        if not 0 < self.rms_norm_eps < 1:
+            raise UserError(f"model.rms_norm_eps must be in (0, 1), got {self.rms_norm_eps!r}")
+        if not self.initializer_range > 0:
+            raise UserError(f"model.initializer_range must be positive, got {self.initializer_range!r}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise UserError(f"model.{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
+        if self.use_sliding_window and (not self.sliding_window or self.sliding_window <= 0):
+            raise UserError("model.sliding_window must be a positive integer when use_sliding_window is true")
+        scaling = self.rope_scaling_dict
+        if scaling:
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind not in ROPE_TYPES:
+                raise UserError(f"model.rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+            if kind != "default" and not float(scaling.get("factor", 0)) > 0:
+                raise UserError(f"model.rope_scaling.factor must be positive for {kind} scaling")
+
+    # Derived quantities -------------------------------------------------------------------------------
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling is not None else None
+
+    def uses_sliding_window(self, layer: int) -> bool:
+        """HF's rule: with the window enabled, layers at index >= max_window_layers use it."""
+        return bool(self.use_sliding_window) and layer >= self.max_window_layers
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # Hugging Face config.json -------------------------------------------------------------------------
+    def to_hf_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d.pop("dtype"), d.pop("param_dtype")
+        d["rope_scaling"] = self.rope_scaling_dict
+        d["head_dim"] = self.resolved_head_dim
+        d.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu", attention_dropout=0.0,
+                 torch_dtype=self.param_dtype, use_cache=True)
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any], **overrides) -> ModelConfig:
+        """Build from a HF `config.json` dict; keys that are not model fields (ids, dtype, ...) are ignored."""
+        model_type = d.get("model_type")
+        if model_type != "qwen2":
+            raise UserError(f"unsupported model_type {model_type!r}: qwenjax loads Qwen2/Qwen2.5 ('qwen2') checkpoints")
+        if d.get("hidden_act", "silu") != "silu":
+            raise UserError(f"unsupported hidden_act {d['hidden_act']!r}: Qwen2 uses 'silu'")
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype"}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        rope = d.get("rope_parameters")  # the newest HF layout keeps theta and scaling together
+        if isinstance(rope, Mapping):
+            kwargs.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
+            if kwargs.get("rope_scaling") is None:
+                kwargs["rope_scaling"] = dict(rope)
+        scaling = kwargs.get("rope_scaling")
+        if isinstance(scaling, Mapping):
+            scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+            is_default = scaling.get("rope_type", scaling.get("type", "default")) == "default"
+            kwargs["rope_scaling"] = None if is_default else scaling
+        if kwargs.get("head_dim") is None:
+            kwargs.pop("head_dim", None)
+        if not d.get("use_sliding_window", False):
+            kwargs.pop("sliding_window", None)
+        kwargs.update(overrides)
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise UserError(f"config.json: {e}") from None
+
+
+def _preset(h, i, layers, heads, kv, vocab, tie, eps=1e-6, max_pos=32768) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab, hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tie,
+                       rms_norm_eps=eps, max_position_embeddings=max_pos, max_window_layers=layers)
+
+
+# The seven official Qwen2.5 dense sizes (base models; shapes from the released config.json files).
+PRESETS: dict[str, ModelConfig] = {
+    "qwen2.5-0.5b": _preset(896, 4864, 24, 14, 2, 151936, True),
+    "qwen2.5-1.5b": _preset(1536, 8960, 28, 12, 2, 151936, True, max_pos=131072),
+    "qwen2.5-3b": _preset(2048, 11008, 36, 16, 2, 151936, True),
+    "qwen2.5-7b": _preset(3584, 18944, 28, 28, 4, 152064, False, max_pos=131072),
+    "qwen2.5-14b": _preset(5120, 13824, 48, 40, 8, 152064, False, eps=1e-5, max_pos=131072),
+    "qwen2.5-32b": _preset(5120, 27648, 64, 40, 8, 152064, False, eps=1e-5, max_pos=131072),
+    "qwen2.5-72b": _preset(8192, 29568, 80, 64, 8, 152064, False, eps=1e-5, max_pos=131072),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A preset by name (`qwen2.5-7b`), optionally with fields replaced."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(PRESETS)})"
+        raise UserError(f"unknown model preset {name!r}{hint}")
+    return dataclasses.replace(PRESETS[name], **overrides) if overrides else PRESETS[name]
+
+
+def load_hf_config(path) -> ModelConfig:
+    """Read a HF `config.json` (file or checkpoint directory) with one clear error per problem."""
+    import pathlib
+
+    p = pathlib.Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise UserError(f"no config.json at {p}")
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"malformed config.json at {p}: {e}") from None
+    if not isinstance(d, dict):
+        raise UserError(f"malformed config.json at {p}: expected a JSON object")
+    return ModelConfig.from_hf_dict(d)
+
+
+def flops_per_token(config: ModelConfig, seq_len: int, *, training: bool = True) -> float:
+    """Model FLOPs per token: 2 x every matmul weight (projections, MLP, unembedding) plus attention.
+
+    Attention convention: causal, counting only the unmasked half, so a token at position t attends to t+1
+    keys and the average context is (seq_len + 1) / 2; QK^T and AV cost 2 x 2 x heads x head_dim x context.
+    The embedding lookup is free. Training = 3 x forward (backward = 2 x forward). One definition for MFU,
+    the sweep's compute axis and C in the loss law.
+    """
+    h, hd = config.hidden_size, config.resolved_head_dim
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size
+    matmul_params = config.num_hidden_layers * per_layer + h * config.vocab_size
+    context = (seq_len + 1) / 2
+    if config.use_sliding_window and config.sliding_window:
+        window_layers = sum(config.uses_sliding_window(i) for i in range(config.num_hidden_layers))
+        full_layers = config.num_hidden_layers - window_layers
+        attn_ctx = full_layers * context + window_layers * min(context, config.sliding_window)
+    else:
+        attn_ctx = config.num_hidden_layers * context
+    forward = 2 * matmul_params + 4 * config.num_attention_heads * hd * attn_ctx
+    return 3 * forward if training else forward

@@ -1,0 +1,255 @@
+"""Qwen2.5 (HF `Qwen2ForCausalLM`) in Flax NNX, readable top to bottom.
+
+Shapes are suffixes: B batch, T query length, S key length, D hidden, F intermediate (MLP), V vocab,
+N query heads, K kv heads, R = N // K (query heads per kv head), H head_dim.
+
+The modules hold parameters under HF-like names; the functional entry points below (`init_params`,
+`apply`, `logits`, `count_params`) work on a plain nested dict of arrays so that jit, vmap (LR populations),
+sharding and checkpoints see an ordinary pytree.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwenjax.config import ModelConfig
+from qwenjax.rope import apply_rope, rope_cos_sin
+
+Params = dict[str, Any]
+
+# Logical axes of every parameter, by the last two path components. sharding.py maps logical axes to
+# mesh axes in one table; the model never names a mesh axis.
+LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
+    "q_proj/kernel": ("embed", "heads"),
+    "q_proj/bias": ("heads",),
+    "k_proj/kernel": ("embed", "kv_heads"),
+    "k_proj/bias": ("kv_heads",),
+    "v_proj/kernel": ("embed", "kv_heads"),
+    "v_proj/bias": ("kv_heads",),
+    "o_proj/kernel": ("heads", "embed"),
+    "gate_proj/kernel": ("embed", "mlp"),
+    "up_proj/kernel": ("embed", "mlp"),
+    "down_proj/kernel": ("mlp", "embed"),
+    "input_layernorm/weight": ("norm",),
+    "post_attention_layernorm/weight": ("norm",),
+    "norm/weight": ("norm",),
+    "lm_head/kernel": ("embed", "vocab"),
+}
+
+
+def _normal(config: ModelConfig):
+    return jax.nn.initializers.normal(stddev=config.initializer_range)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel is [in, out]. Tokens are flattened to 2-D before the matmul because
+    XLA's CPU backward of batched (3-D) dot_generals is about 2x slower than the 2-D one."""
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, config: ModelConfig, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_normal(config)(rngs.params(), (d_in, d_out), config.param_dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), config.param_dtype)) if bias else None
+
+    def __call__(self, x_BTI: jax.Array) -> jax.Array:
+        x_MI = x_BTI.reshape(-1, x_BTI.shape[-1])
+        y_MO = x_MI @ self.kernel[...].astype(x_BTI.dtype)
+        if self.bias is not None:
+            y_MO = y_MO + self.bias[...].astype(x_BTI.dtype)
+        return y_MO.reshape(*x_BTI.shape[:-1], y_MO.shape[-1])
+
+
+class RMSNorm(nnx.Module):
+    """Statistics in float32, cast back to the input dtype, then times the weight (HF's order, bf16 parity)."""
+
+    def __init__(self, dim: int, *, config: ModelConfig):
+        self.weight = nnx.Param(jnp.ones((dim,), config.param_dtype))
+        self.eps = config.rms_norm_eps
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        x32_BTD = x_BTD.astype(jnp.float32)
+        var_BT1 = jnp.mean(x32_BTD * x32_BTD, axis=-1, keepdims=True)
+        normed_BTD = (x32_BTD * jax.lax.rsqrt(var_BT1 + self.eps)).astype(x_BTD.dtype)
+        return self.weight[...].astype(x_BTD.dtype) * normed_BTD
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention: bias on q/k/v, none on o; query head n uses kv head n // R."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        D, H = config.hidden_size, config.resolved_head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, H
+        self.q_proj = Linear(D, self.num_heads * H, bias=True, config=config, rngs=rngs)
+        self.k_proj = Linear(D, self.num_kv_heads * H, bias=True, config=config, rngs=rngs)
+        self.v_proj = Linear(D, self.num_kv_heads * H, bias=True, config=config, rngs=rngs)
+        self.o_proj = Linear(self.num_heads * H, D, bias=False, config=config, rngs=rngs)
+
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, cache_index=None):
+        B, T, _ = x_BTD.shape
+        N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
+        q_BTNH = apply_rope(self.q_proj(x_BTD).reshape(B, T, N, H), cos_BTH, sin_BTH)
+        k_BTKH = apply_rope(self.k_proj(x_BTD).reshape(B, T, K, H), cos_BTH, sin_BTH)
+        v_BTKH = self.v_proj(x_BTD).reshape(B, T, K, H)
+        if kv_cache is not None:  # write this chunk at cache_index, attend over the whole (masked) cache
+            k_BSKH = jax.lax.dynamic_update_slice(kv_cache[0], k_BTKH.astype(kv_cache[0].dtype), (0, cache_index, 0, 0))
+            v_BSKH = jax.lax.dynamic_update_slice(kv_cache[1], v_BTKH.astype(kv_cache[1].dtype), (0, cache_index, 0, 0))
+            kv_cache = (k_BSKH, v_BSKH)
+        else:
+            k_BSKH, v_BSKH = k_BTKH, v_BTKH
+        q_BTKRH = q_BTNH.reshape(B, T, K, N // K, H)
+        scores_BKRTS = jnp.einsum("btkrh,bskh->bkrts", q_BTKRH, k_BSKH.astype(q_BTKRH.dtype)) * (H**-0.5)
+        scores_BKRTS = jnp.where(mask_BTS[:, None, None], scores_BKRTS, jnp.finfo(scores_BKRTS.dtype).min)
+        probs_BKRTS = jax.nn.softmax(scores_BKRTS.astype(jnp.float32), axis=-1).astype(q_BTNH.dtype)
+        out_BTKRH = jnp.einsum("bkrts,bskh->btkrh", probs_BKRTS, v_BSKH.astype(q_BTNH.dtype))
+        return self.o_proj(out_BTKRH.reshape(B, T, N * H)), kv_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        D, F = config.hidden_size, config.intermediate_size
+        self.gate_proj = Linear(D, F, bias=False, config=config, rngs=rngs)
+        self.up_proj = Linear(D, F, bias=False, config=config, rngs=rngs)
+        self.down_proj = Linear(F, D, bias=False, config=config, rngs=rngs)
+
+    def __call__(self, x_BTD):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config=config)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config=config)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, h_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, cache_index=None):
+        attn_BTD, kv_cache = self.self_attn(self.input_layernorm(h_BTD), cos_BTH, sin_BTH, mask_BTS,
+                                            kv_cache, cache_index)
+        h_BTD = h_BTD + attn_BTD
+        h_BTD = h_BTD + self.mlp(self.post_attention_layernorm(h_BTD))
+        return h_BTD, kv_cache
+
+
+class Qwen2(nnx.Module):
+    """The decoder: embed, pre-norm layers, final norm, (tied or separate) unembedding."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        V, D = config.vocab_size, config.hidden_size
+        self.embed_tokens = nnx.Param(_normal(config)(rngs.params(), (V, D), config.param_dtype))
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(D, config=config)
+        self.lm_head = None if config.tie_word_embeddings else Linear(D, V, bias=False, config=config, rngs=rngs)
+
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
+        """Logits [B, T, V] in the compute dtype, and the updated KV cache (None without one).
+
+        Without a cache: causal attention within each segment (packed documents never see each other).
+        With a cache (decoding): positions default to cache['index'] + arange(T); keys at slots <= the
+        query's slot are visible.
+        """
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        B, T = tokens_BT.shape
+        q_idx_T = jnp.arange(T) if cache is None else cache["index"] + jnp.arange(T)
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(q_idx_T, (B, T))
+        k_idx_S = q_idx_T if cache is None else jnp.arange(cache["k"].shape[2])
+        causal_TS = k_idx_S[None, :] <= q_idx_T[:, None]
+        mask_BTS = jnp.broadcast_to(causal_TS, (B, T, k_idx_S.shape[0]))
+        if segment_ids_BT is not None and cache is None:
+            mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+        window_BTS = mask_BTS
+        if c.use_sliding_window:
+            window_BTS = mask_BTS & ((q_idx_T[:, None] - k_idx_S[None, :]) < c.sliding_window)[None]
+        cos_BTH, sin_BTH = rope_cos_sin(c, positions_BT, dtype)
+
+        h_BTD = jnp.take(self.embed_tokens[...], tokens_BT, axis=0).astype(dtype)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache["k"][i], cache["v"][i])
+            mask = window_BTS if c.uses_sliding_window(i) else mask_BTS
+            h_BTD, kv = layer(h_BTD, cos_BTH, sin_BTH, mask, kv, None if cache is None else cache["index"])
+            if cache is not None:
+                new_k.append(kv[0]), new_v.append(kv[1])
+        h_BTD = self.norm(h_BTD)
+        if self.lm_head is None:
+            logits_BTV = (h_BTD.reshape(B * T, -1) @ self.embed_tokens[...].astype(dtype).T).reshape(B, T, -1)
+        else:
+            logits_BTV = self.lm_head(h_BTD)
+        if cache is None:
+            return logits_BTV, None
+        return logits_BTV, {"k": jnp.stack(new_k), "v": jnp.stack(new_v), "index": cache["index"] + T}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Functional entry points over a plain nested dict of parameters.
+
+
+@functools.lru_cache(maxsize=64)
+def _graphdef(config: ModelConfig):
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen2(config, rngs=nnx.Rngs(0))))
+    return graphdef
+
+
+def _module(config: ModelConfig, params: Params) -> Qwen2:
+    graphdef = _graphdef(config)
+    state = nnx.split(nnx.eval_shape(lambda: Qwen2(config, rngs=nnx.Rngs(0))))[1]
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def init_params(config: ModelConfig, rng: jax.Array | int = 0) -> Params:
+    """Fresh parameters: normal(initializer_range) matrices and embedding, ones for norms, zeros for biases."""
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    model = Qwen2(config, rngs=nnx.Rngs(params=rng))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+@functools.lru_cache(maxsize=64)
+def abstract_params(config: ModelConfig) -> Params:
+    """Shapes and dtypes of the parameters (jax.ShapeDtypeStruct leaves), computed without allocating."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def apply(config: ModelConfig, params: Params, tokens_BT, *, positions=None, segment_ids=None, cache=None):
+    """(logits [B, T, V], new cache) — the pure function that training and decoding jit."""
+    return _module(config, params)(tokens_BT, positions, segment_ids, cache)
+
+
+def logits(config: ModelConfig, params: Params, tokens, *, positions=None, segment_ids=None) -> jax.Array:
+    """Logits [B, T, vocab] for token ids [B, T]; `segment_ids` isolates packed documents."""
+    return apply(config, params, jnp.asarray(tokens), positions=positions, segment_ids=segment_ids)[0]
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
+    """A preallocated KV cache: k, v [layers, B, max_len, kv_heads, head_dim] and the next write index."""
+    shape = (config.num_hidden_layers, batch_size, max_len, config.num_key_value_heads, config.resolved_head_dim)
+    dtype = dtype or config.dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
+
+
+def param_paths(params: Params) -> list[tuple[str, ...]]:
+    return [tuple(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+
+
+def logical_axes(path: tuple[str, ...]) -> tuple[str | None, ...]:
+    """Logical axes of the parameter at `path` (a tuple of dict keys)."""
+    if path[-1] == "embed_tokens":
+        return ("vocab", "embed")
+    return LOGICAL_AXES["/".join(path[-2:])]
+
+
+def count_params(config: ModelConfig) -> tuple[int, int]:
+    """(total, non-embedding) parameter counts. Non-embedding = decoder layers + final norm (the N of the
+    scaling laws); total adds the embedding and, when untied, the lm_head. Computed abstractly."""
+    shapes = abstract_params(config)
+    total = sum(x.size for x in jax.tree.leaves(shapes))
+    embedding = shapes["embed_tokens"].size + (0 if config.tie_word_embeddings else shapes["lm_head"]["kernel"].size)
+    return int(total), int(total - embedding)
