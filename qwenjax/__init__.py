@@ -1,15 +1,21 @@
-"""qwenjax: Qwen2.5 in JAX/Flax, with learning-rate x batch-size scaling-law sweeps and a fitter."""
+"""qwenjax: Qwen2.5 in JAX/Flax, with learning-rate x batch-size scaling-law sweeps and a fitter.
 
-from qwenjax.config import PRESETS, ModelConfig, flops_per_token, preset
-from qwenjax.model import abstract_params, apply, count_params, init_params, logits
+The public names are imported lazily so that light modules (data, scaling) load without JAX.
+"""
 
-__all__ = ["PRESETS", "ModelConfig", "abstract_params", "apply", "count_params", "flops_per_token",
-           "init_params", "logits", "preset", "load_hf", "save_hf"]
+import importlib
+
+_EXPORTS = {
+    "ModelConfig": "qwenjax.config", "PRESETS": "qwenjax.config", "preset": "qwenjax.config",
+    "flops_per_token": "qwenjax.config",
+    "init_params": "qwenjax.model", "abstract_params": "qwenjax.model", "apply": "qwenjax.model",
+    "logits": "qwenjax.model", "count_params": "qwenjax.model",
+    "load_hf": "qwenjax.hf", "save_hf": "qwenjax.hf",
+}
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):  # HF import/export loads safetensors lazily
-    if name in ("load_hf", "save_hf"):
-        from qwenjax import hf
-
-        return getattr(hf, name)
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'qwenjax' has no attribute {name!r}")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from qwenjax.errors import UserError
 
 EOS_PIECE = "<|endoftext|>"
 CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+#: <unk> + control tokens + 256 bytes + 64 learned pieces.
+MIN_VOCAB_SIZE = 1 + len(CONTROL_TOKENS) + 256 + 64
 
 #: Training sentences are chunks of at most this many lines of a document (newlines kept).
 _CHUNK_LINES = 8
@@ -57,7 +61,8 @@ class Tokenizer:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.path)!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+        return (f"{type(self).__name__}({str(self.path)!r}, vocab_size={self.vocab_size}, "
+                f"eos_id={self.eos_id})")
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -73,7 +78,8 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             sp.LoadFromSerializedProto(data)
         except Exception:
-            raise UserError(f"{self.path} is not a valid sentencepiece model (corrupt or wrong file)") from None
+            raise UserError(f"{self.path} is not a valid sentencepiece model "
+                            "(corrupt or wrong file)") from None
         if sp.get_piece_size() == 0:
             raise UserError(f"{self.path} is not a valid sentencepiece model (empty vocabulary)")
         self._sp = sp
@@ -117,7 +123,8 @@ class HFTokenizer(Tokenizer):
         except OSError as e:
             raise UserError(f"cannot read {tj}: {e.strerror or e}") from None
         except Exception:
-            raise UserError(f"{tj} is not a valid Hugging Face tokenizer.json (corrupt or wrong file)") from None
+            raise UserError(f"{tj} is not a valid Hugging Face tokenizer.json "
+                            "(corrupt or wrong file)") from None
         self._tok = tok
         self.vocab_size = int(tok.get_vocab_size(with_added_tokens=True))
         eos = _eos_from_configs(self.path)
@@ -250,9 +257,9 @@ def train_tokenizer(
             raise UserError("no training files given for the tokenizer")
     vocab_size = int(vocab_size)
     reserved = 1 + len(CONTROL_TOKENS) + 256
-    if vocab_size <= reserved:
+    if vocab_size < MIN_VOCAB_SIZE:
         raise UserError(f"--vocab-size {vocab_size} is too small: {reserved} ids are reserved for <unk>, "
-                        f"the control tokens and the 256 byte-fallback pieces; use at least {reserved + 64}")
+                        f"the control tokens and the 256 byte-fallback pieces; use at least {MIN_VOCAB_SIZE}")
     if max_sentence_length < 64 or input_sentence_size < 1:
         raise UserError("max_sentence_length must be >= 64 and input_sentence_size >= 1")
     prefix = Path(model_prefix).expanduser()
@@ -270,6 +277,7 @@ def train_tokenizer(
         yield first
         yield from sentences
 
+    spm.set_random_generator_seed(int(seed))  # the input-sentence sampling
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=_all(),
@@ -292,13 +300,17 @@ def train_tokenizer(
             shuffle_input_sentence=True,
             character_coverage=character_coverage,
             num_threads=_num_threads(),
-            random_seed=seed,
             minloglevel=2,
         )
         for ext in (".vocab", ".model"):  # .model last: its presence means the pair is complete
             os.replace(f"{tmp_prefix}{ext}", f"{prefix}{ext}")
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        too_high = re.search(r"Vocabulary size too high.*?<= *(\d+)", msg)
+        if too_high:
+            raise UserError(f"--vocab-size {vocab_size} is too large for this corpus; use at most "
+                            f"{too_high.group(1)} or more data") from None
+        msg = re.sub(r"^[A-Z_]+: \S+\(\d+\) \[.*?\] ", "", msg)  # drop sentencepiece's source location
         raise UserError(f"sentencepiece training failed: {msg}") from None
     finally:
         for ext in (".model", ".vocab"):
