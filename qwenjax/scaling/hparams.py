@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 
 from qwenjax.errors import UserError
+from qwenjax.scaling.bootstrap import CI_LEVEL, interval
 from qwenjax.scaling.units import format_count
 
-CI_LEVEL = 0.95
 _CELL = ["n_params", "tokens"]
-#: target column -> (prefactor name, {input: exponent name}) per batch-law choice
+#: target column -> (prefactor name, {input: exponent name})
 _NAMES = {
     "lr": ("a", {"N": "alpha", "D": "beta"}),
     "batch_tokens": ("b", {"N": "gamma", "D": "delta"}),
@@ -43,23 +43,31 @@ def features(inputs, n_params, tokens) -> np.ndarray:
 
 
 def check_cells(df: pd.DataFrame) -> pd.DataFrame:
-    """The successful runs, after checking that they can support laws in N and D (else one clear UserError)."""
+    """The successful runs, once checked that they can support laws in N and D (else one clear UserError)."""
     valid = df[df["valid"]]
     if valid.empty:
         counts = df["status"].value_counts().to_dict()
         detail = ", ".join(f"{v} {k}" for k, v in counts.items())
         column = df.attrs.get("loss_column", "loss")
-        raise UserError(f"none of the {len(df)} runs can count as an optimum ({detail}; ok runs need a finite "
-                        f"{column}); nothing to fit")
+        raise UserError(
+            f"none of the {len(df)} runs can count as an optimum ({detail}; ok runs need a finite "
+            f"{column}); nothing to fit"
+        )
     ns, ds = np.unique(valid["n_params"]), np.unique(valid["tokens"])
     if len(ns) < 2 or len(ds) < 2:
-        found = lambda v: f"{len(v)} {'value' if len(v) == 1 else 'values'} ({', '.join(map(format_count, v))})"
-        raise UserError(f"the laws need successful runs at two or more N and two or more D values; "
-                        f"found N: {found(ns)}, D: {found(ds)}")
+        found = lambda v: (
+            f"{len(v)} {'value' if len(v) == 1 else 'values'} ({', '.join(map(format_count, v))})"
+        )
+        raise UserError(
+            f"the laws need successful runs at two or more N and two or more D values; "
+            f"found N: {found(ns)}, D: {found(ds)}"
+        )
     cells = np.log(valid[_CELL].drop_duplicates().to_numpy(float))
     if np.linalg.matrix_rank(np.column_stack([np.ones(len(cells)), cells])) < 3:
-        raise UserError("the (N, D) cells lie on one line in log space, so the effects of N and D cannot be "
-                        "separated; add a cell off that line (e.g. another D at an existing N)")
+        raise UserError(
+            "the (N, D) cells lie on one line in log space, so the effects of N and D cannot be "
+            "separated; add a cell off that line (e.g. another D at an existing N)"
+        )
     return valid
 
 
@@ -84,10 +92,14 @@ def _quadratic_vertex(x: np.ndarray, y: np.ndarray | None, z: np.ndarray):
 
 
 def _smooth_optimum(runs: pd.DataFrame, window: float):
-    """(lr, batch_tokens, method) from a quadratic in log space near the cell minimum, or None if degenerate."""
+    """(lr, batch_tokens, method) from a quadratic in log space near the cell minimum; None if degenerate."""
     best = runs["loss"].min()
     near = runs[runs["loss"] <= best * (1 + window)]
-    x, y, z = np.log(near["lr"].to_numpy()), np.log(near["batch_tokens"].to_numpy()), np.log(near["loss"].to_numpy())
+    x, y, z = (
+        np.log(near["lr"].to_numpy()),
+        np.log(near["batch_tokens"].to_numpy()),
+        np.log(near["loss"].to_numpy()),
+    )
     if len(near) >= 8 and len(np.unique(x)) >= 3 and len(np.unique(y)) >= 3:
         v = _quadratic_vertex(x - x.mean(), y - y.mean(), z)
         if v is not None:
@@ -102,8 +114,9 @@ def _smooth_optimum(runs: pd.DataFrame, window: float):
     return None
 
 
-def cell_optima(df: pd.DataFrame, tolerance: float = 0.0025, method: str = "nearopt",
-                smooth_window: float = 0.05) -> pd.DataFrame:
+def cell_optima(
+    df: pd.DataFrame, tolerance: float = 0.0025, method: str = "nearopt", smooth_window: float = 0.05
+) -> pd.DataFrame:
     """One row per optimum point: n_params, tokens, lr, batch_tokens, best_loss, method.
 
     "nearopt" gives every run within `tolerance` of the cell's best loss (several rows per cell);
@@ -148,7 +161,7 @@ class _CellRegression:
         np.add.at(self.xty, cell_index, self.x * self.y[:, None])
 
     def solve(self, weights: np.ndarray) -> np.ndarray:
-        """Coefficients [log prefactor, exponents...] for each row of cell weights; NaN rows where degenerate."""
+        """Coefficients [log prefactor, exponents...] per row of cell weights; NaN rows where degenerate."""
         weights = np.asarray(weights, float).reshape(-1, len(self.cells))
         xtx = np.einsum("sc,cij->sij", weights, self.xtx)
         xty = np.einsum("sc,ci->si", weights, self.xty)
@@ -169,25 +182,29 @@ def _law_dict(reg: _CellRegression, samples: np.ndarray) -> dict:
     prefactor, exponent_names = _NAMES[target]
     names = [prefactor] + [exponent_names[i] for i in inputs]
     good = samples[np.isfinite(samples).all(axis=1)]
-    q = [(1 - CI_LEVEL) / 2 * 100, (1 + CI_LEVEL) / 2 * 100]
-    lo, hi = np.percentile(good, q, axis=0) if len(good) else np.full((2, len(coef)), np.nan)
     values = [np.exp(coef[0]), *coef[1:]]
-    cis = [[np.exp(lo[0]), np.exp(hi[0])]] + [[lo[j], hi[j]] for j in range(1, len(coef))]
+    if len(good):
+        lo, hi = interval(good)
+        cis = [[float(np.exp(lo[0])), float(np.exp(hi[0]))]] + [
+            [float(lo[j]), float(hi[j])] for j in range(1, len(coef))
+        ]
+    else:
+        cis = [[None, None]] * len(coef)
     resid = reg.y - (reg.x + reg.center) @ coef
     total = np.sum((reg.y - reg.y.mean()) ** 2)
     symbol = {"lr": "lr", "batch_tokens": "B"}[target]
     return {
-        "formula": f"{symbol} = {names[0]}" + "".join(f" * {i}^{n}" for i, n in zip(inputs, names[1:], strict=True)),
+        "formula": f"{symbol} = {names[0]}"
+        + "".join(f" * {i}^{n}" for i, n in zip(inputs, names[1:], strict=True)),
         "target": target,
         "inputs": list(inputs),
-        "coef": {n: {"value": float(v), "ci": [float(c[0]), float(c[1])]}
-                 for n, v, c in zip(names, values, cis, strict=True)},
+        "coef": {n: {"value": float(v), "ci": c} for n, v, c in zip(names, values, cis, strict=True)},
         "log_coef": [float(c) for c in coef],
         "r2": float(1 - np.sum(resid**2) / total) if total > 0 else 1.0,
         "rmse_log": float(np.sqrt(np.mean(resid**2))),
         "points": int(len(reg.y)),
         "cells": int(len(reg.cells)),
-        "bootstrap": {"samples": np.round(good, 6).tolist(), "failed": int(len(samples) - len(good))},
+        "bootstrap": {"samples": good.tolist(), "failed": int(len(samples) - len(good))},
     }
 
 
@@ -199,7 +216,7 @@ def evaluate_law(law: dict, n_params, tokens):
     if not len(samples):
         return value, (value * np.nan, value * np.nan)
     draws = np.exp(x @ samples.T)
-    lo, hi = np.percentile(draws, [(1 - CI_LEVEL) / 2 * 100, (1 + CI_LEVEL) / 2 * 100], axis=-1)
+    lo, hi = interval(draws, axis=-1)
     return value, (lo, hi)
 
 
@@ -216,22 +233,46 @@ def _loo_regret(df: pd.DataFrame, regs: dict[str, _CellRegression]) -> dict:
             continue
         pred = {t: features(r.inputs, n, d) @ coefs[t][i] for t, r in regs.items()}  # log lr, log B
         runs = valid[(valid["n_params"] == n) & (valid["tokens"] == d)]
-        dist = (np.log(runs["lr"]) - pred["lr"]) ** 2 + (np.log(runs["batch_tokens"]) - pred["batch_tokens"]) ** 2
+        dist = (np.log(runs["lr"]) - pred["lr"]) ** 2 + (
+            np.log(runs["batch_tokens"]) - pred["batch_tokens"]
+        ) ** 2
         nearest = runs.loc[dist.idxmin()]
-        rows.append({"n_params": float(n), "tokens": float(d), "lr": float(np.exp(pred["lr"])),
-                     "batch_tokens": float(np.exp(pred["batch_tokens"])), "nearest_lr": float(nearest["lr"]),
-                     "nearest_batch_tokens": float(nearest["batch_tokens"]),
-                     "regret": float(nearest["loss"] / runs["loss"].min() - 1)})
+        rows.append(
+            {
+                "n_params": float(n),
+                "tokens": float(d),
+                "lr": float(np.exp(pred["lr"])),
+                "batch_tokens": float(np.exp(pred["batch_tokens"])),
+                "nearest_lr": float(nearest["lr"]),
+                "nearest_batch_tokens": float(nearest["batch_tokens"]),
+                "regret": float(nearest["loss"] / runs["loss"].min() - 1),
+            }
+        )
     regret = np.array([r["regret"] for r in rows])
-    summary = ({"mean": float(regret.mean()), "median": float(np.median(regret)), "max": float(regret.max())}
-               if len(rows) else {"mean": None, "median": None, "max": None})
-    return {"method": "leave-one-cell-out; regret = loss of the cell's sweep run nearest (in log lr, log B) "
-                      "to the prediction / cell best loss - 1",
-            **summary, "cells_evaluated": len(rows), "cells_skipped": skipped, "per_cell": rows}
+    summary = (
+        {"mean": float(regret.mean()), "median": float(np.median(regret)), "max": float(regret.max())}
+        if len(rows)
+        else {"mean": None, "median": None, "max": None}
+    )
+    return {
+        "method": "leave-one-cell-out; regret = loss of the cell's sweep run nearest (in log lr, log B) "
+        "to the prediction / cell best loss - 1",
+        **summary,
+        "cells_evaluated": len(rows),
+        "cells_skipped": skipped,
+        "per_cell": rows,
+    }
 
 
-def fit_hparam_laws(df: pd.DataFrame, tolerance: float = 0.0025, method: str = "nearopt", batch_law: str = "ND",
-                    bootstrap: int = 1000, seed: int = 0, smooth_window: float = 0.05) -> dict:
+def fit_hparam_laws(
+    df: pd.DataFrame,
+    tolerance: float = 0.0025,
+    method: str = "nearopt",
+    batch_law: str = "ND",
+    bootstrap: int = 1000,
+    seed: int = 0,
+    smooth_window: float = 0.05,
+) -> dict:
     """Fit lr*(N, D) and B*(N, D) (or B*(D)) with bootstrap CIs and leave-one-cell-out regret.
 
     Returns a JSON-ready dict: `laws` {"lr", "batch_tokens"}, `regret`, `cell_optima`, `method`.
@@ -246,14 +287,26 @@ def fit_hparam_laws(df: pd.DataFrame, tolerance: float = 0.0025, method: str = "
     laws = {t: _law_dict(r, r.solve(weights)) for t, r in regs.items()}
     per_cell = []
     for (n, d), group in optima.groupby(_CELL, sort=True):
-        per_cell.append({"n_params": float(n), "tokens": float(d), "best_loss": float(group["best_loss"].iloc[0]),
-                         "method": group["method"].iloc[0],
-                         "optima": group[["lr", "batch_tokens"]].to_numpy(float).tolist()})
+        per_cell.append(
+            {
+                "n_params": float(n),
+                "tokens": float(d),
+                "best_loss": float(group["best_loss"].iloc[0]),
+                "method": group["method"].iloc[0],
+                "optima": group[["lr", "batch_tokens"]].to_numpy(float).tolist(),
+            }
+        )
     return {
-        "method": {"optimum": method, "tolerance": tolerance, "smooth_window": smooth_window if method == "smooth"
-                   else None, "batch_law": batch_law, "bootstrap": int(bootstrap), "seed": seed,
-                   "ci_level": CI_LEVEL, "cells_by_method": optima.drop_duplicates(_CELL)["method"]
-                   .value_counts().to_dict()},
+        "method": {
+            "optimum": method,
+            "tolerance": tolerance,
+            "smooth_window": smooth_window if method == "smooth" else None,
+            "batch_law": batch_law,
+            "bootstrap": int(bootstrap),
+            "seed": seed,
+            "ci_level": CI_LEVEL,
+            "cells_by_method": optima.drop_duplicates(_CELL)["method"].value_counts().to_dict(),
+        },
         "laws": laws,
         "regret": _loo_regret(df, regs),
         "cell_optima": per_cell,

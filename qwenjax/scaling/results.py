@@ -22,16 +22,24 @@ LOSS_COLUMNS = ("eval_loss", "final_loss")
 _POSITIVE = ("n_params", "tokens", "lr", "batch_tokens")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _record(obj, where: str) -> dict:
     """Check one parsed line and fill derived fields; raise ValueError naming what is wrong."""
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     row = dict(obj)
-    if row.get("batch_tokens") is None and row.get("batch_size") is not None and row.get("seq_len") is not None:
+    if (
+        row.get("batch_tokens") is None
+        and _is_number(row.get("batch_size"))
+        and _is_number(row.get("seq_len"))
+    ):
         row["batch_tokens"] = row["batch_size"] * row["seq_len"]
     for key in _POSITIVE:
         value = row.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        if not _is_number(value) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{key} must be a positive number, got {value!r}")
     diverged = bool(row.get("diverged", False))
     status = row.get("status") or ("diverged" if diverged else "ok")
@@ -41,7 +49,7 @@ def _record(obj, where: str) -> dict:
     row["diverged"] = row["status"] == "diverged"
     for key in LOSS_COLUMNS:
         value = row.get(key)
-        row[key] = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+        row[key] = float(value) if _is_number(value) else math.nan
     row["source"] = where
     return row
 
@@ -67,7 +75,9 @@ def choose_loss_column(df: pd.DataFrame, loss_column: str | None = None) -> str:
     """`eval_loss` if every successful run has one, else `final_loss`: never mix the two within one fit."""
     if loss_column is not None:
         if loss_column not in df.columns:
-            raise UserError(f"loss column {loss_column!r} is not in the results (have {', '.join(LOSS_COLUMNS)})")
+            raise UserError(
+                f"loss column {loss_column!r} is not in the results (have {', '.join(LOSS_COLUMNS)})"
+            )
         return loss_column
     ok = df["status"] == "ok"
     if ok.any() and np.isfinite(df.loc[ok, "eval_loss"]).all():
@@ -75,8 +85,9 @@ def choose_loss_column(df: pd.DataFrame, loss_column: str | None = None) -> str:
     return "final_loss"
 
 
-def load_results(paths: str | Path | Iterable[str | Path], loss_column: str | None = None,
-                 strict: bool = False) -> pd.DataFrame:
+def load_results(
+    paths: str | Path | Iterable[str | Path], loss_column: str | None = None, strict: bool = False
+) -> pd.DataFrame:
     """All runs of one or more results files, one row each, with `loss` (the chosen column) and `valid`.
 
     `valid` marks runs that may be optima: status ok, not diverged, finite positive loss. Failed and
@@ -104,9 +115,12 @@ def load_results(paths: str | Path | Iterable[str | Path], loss_column: str | No
     column = choose_loss_column(df, loss_column)
     df["loss"] = pd.to_numeric(df[column], errors="coerce").astype(float)
     df["valid"] = (df["status"] == "ok") & np.isfinite(df["loss"]) & (df["loss"] > 0)
-    df.attrs.update(files=[str(p) for p in paths], loss_column=column,
-                    skipped_lines=sum(map(len, skipped.values())),
-                    skipped_at={k: v[:10] for k, v in skipped.items()})
+    df.attrs.update(
+        files=[str(p) for p in paths],
+        loss_column=column,
+        skipped_lines=sum(map(len, skipped.values())),
+        skipped_at={k: v[:10] for k, v in skipped.items()},
+    )
     return df
 
 
@@ -114,6 +128,10 @@ def skipped_message(df: pd.DataFrame) -> str | None:
     """One warning line about skipped malformed lines, or None."""
     if not df.attrs.get("skipped_lines"):
         return None
-    where = "; ".join(f"{Path(p).name} line {', '.join(map(str, lines))}" for p, lines in df.attrs["skipped_at"].items())
-    return (f"skipped {df.attrs['skipped_lines']} malformed results line(s) ({where}); "
-            "use --strict to reject them instead")
+    where = "; ".join(
+        f"{Path(p).name} line {', '.join(map(str, lines))}" for p, lines in df.attrs["skipped_at"].items()
+    )
+    return (
+        f"skipped {df.attrs['skipped_lines']} malformed results line(s) ({where}); "
+        "use --strict to reject them instead"
+    )

@@ -30,10 +30,10 @@ class SyntheticLaw:
     B: float = 2085.43
     loss_alpha: float = 0.3478
     loss_beta: float = 0.3658
-    curvature_lr: float = 0.02   # relative loss increase per (ln lr)^2
+    curvature_lr: float = 0.02  # relative loss increase per (ln lr)^2
     curvature_batch: float = 0.01
     curvature_cross: float = -0.01  # < 0: the valley runs along larger lr with larger batch
-    diverge_above: float = 3.0   # runs with lr > diverge_above * lr* diverge
+    diverge_above: float = 3.0  # runs with lr > diverge_above * lr* diverge
 
     def lr_star(self, n, d):
         return self.a * np.power(n, self.alpha) * np.power(d, self.beta)
@@ -51,9 +51,16 @@ class SyntheticLaw:
         return self.floor(n, d) * (1 + bowl)
 
 
-def synthetic_results(law: SyntheticLaw | None = None, n_values=(1e6, 2e6, 4e6, 8e6),
-                      d_values=(2.5e7, 5e7, 1e8, 2e8), lr_span: int = 4, batch_span: int = 2,
-                      seq_len: int = 256, noise: float = 3e-4, seed: int = 0) -> list[dict]:
+def synthetic_results(
+    law: SyntheticLaw | None = None,
+    n_values=(1e6, 2e6, 4e6, 8e6),
+    d_values=(2.5e7, 5e7, 1e8, 2e8),
+    lr_span: int = 4,
+    batch_span: int = 2,
+    seq_len: int = 256,
+    noise: float = 3e-4,
+    seed: int = 0,
+) -> list[dict]:
     """Result records (the sweep's results.jsonl schema) for a full lr x batch grid in every (N, D) cell.
 
     The lr grid is the global 2^(k/2) grid, `lr_span` steps either side of each cell's optimum; batch sizes
@@ -71,15 +78,31 @@ def synthetic_results(law: SyntheticLaw | None = None, n_values=(1e6, 2e6, 4e6, 
                     lr, batch_size = 2.0 ** (k / 2), 2**s
                     batch_tokens = batch_size * seq_len
                     diverged = bool(lr > law.diverge_above * law.lr_star(n, d))
-                    loss = None if diverged else float(law.loss(n, d, lr, batch_tokens) * (1 + noise * rng.normal()))
-                    rows.append({
-                        "run_id": f"n{n:.3g}-d{d:.3g}-lr{k}-bs{batch_size}", "name": f"synthetic-{n:.3g}",
-                        "n_params": int(n), "n_params_total": int(n) + 2_000_000, "tokens": int(d),
-                        "lr": lr, "batch_size": batch_size, "batch_tokens": batch_tokens, "seq_len": seq_len,
-                        "seed": seed, "final_loss": None if diverged else loss * 1.01, "eval_loss": loss,
-                        "diverged": diverged, "status": "diverged" if diverged else "ok",
-                        "flops": float(6 * n * d), "wall_s": 1.0,
-                    })
+                    loss = (
+                        None
+                        if diverged
+                        else float(law.loss(n, d, lr, batch_tokens) * (1 + noise * rng.normal()))
+                    )
+                    rows.append(
+                        {
+                            "run_id": f"n{n:.3g}-d{d:.3g}-lr{k}-bs{batch_size}",
+                            "name": f"synthetic-{n:.3g}",
+                            "n_params": int(n),
+                            "n_params_total": int(n) + 2_000_000,
+                            "tokens": int(d),
+                            "lr": lr,
+                            "batch_size": batch_size,
+                            "batch_tokens": batch_tokens,
+                            "seq_len": seq_len,
+                            "seed": seed,
+                            "final_loss": None if diverged else loss * 1.01,
+                            "eval_loss": loss,
+                            "diverged": diverged,
+                            "status": "diverged" if diverged else "ok",
+                            "flops": float(6 * n * d),
+                            "wall_s": 1.0,
+                        }
+                    )
     return rows
 
 

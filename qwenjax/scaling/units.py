@@ -11,8 +11,10 @@ import re
 from qwenjax.errors import UserError
 
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
-_COUNT = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9_]*)?(?:e[+-]?[0-9]+)?|\.[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*$",
-                    re.IGNORECASE)
+_COUNT = re.compile(
+    r"^\s*([0-9][0-9_]*(?:\.[0-9_]*)?(?:e[+-]?[0-9]+)?|\.[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*$",
+    re.IGNORECASE,
+)
 
 
 def parse_count(value: str | float | int, what: str = "count") -> float:
@@ -30,7 +32,9 @@ def parse_count(value: str | float | int, what: str = "count") -> float:
             raise UserError(f"{what} must be positive, got {value!r}")
         match = _COUNT.match(text)
         if not match:
-            raise UserError(f"{what} must be a number like 494M, 18T or 1.5e9 (suffixes k, M, B, T), got {value!r}")
+            raise UserError(
+                f"{what} must be a number like 494M, 18T or 1.5e9 (suffixes k, M, B, T), got {value!r}"
+            )
         number = float(match.group(1)) * _SUFFIX[match.group(2).lower()]
     if not math.isfinite(number) or number <= 0:
         raise UserError(f"{what} must be positive and finite, got {value!r}")

@@ -1,0 +1,46 @@
+"""Scaling laws from sweep results: optimal lr and batch size in (N, D), the loss law, predictions, plots.
+
+Pure numpy/scipy/pandas/matplotlib: nothing here imports training or sweeps, so a notebook can fit laws
+without starting JAX training code. The method and FIT.json format are described in docs/scaling.md.
+"""
+
+from qwenjax.scaling.fitfile import FORMAT, load_fit, make_fit, save_fit
+from qwenjax.scaling.hparams import cell_optima, evaluate_law, fit_hparam_laws
+from qwenjax.scaling.loss_law import compute_optimal, evaluate_loss_law, fit_loss_law
+from qwenjax.scaling.plots import (
+    make_plots,
+    plot_batch_sweeps,
+    plot_hparam_laws,
+    plot_loss_law,
+    plot_lr_sweeps,
+    plot_predictions,
+)
+from qwenjax.scaling.predict import QWEN25_PRESETS, QWEN25_TOKENS, predict, preset_n_params
+from qwenjax.scaling.results import load_results
+from qwenjax.scaling.units import format_count, parse_count
+
+__all__ = [
+    "FORMAT",
+    "QWEN25_PRESETS",
+    "QWEN25_TOKENS",
+    "cell_optima",
+    "compute_optimal",
+    "evaluate_law",
+    "evaluate_loss_law",
+    "fit_hparam_laws",
+    "fit_loss_law",
+    "format_count",
+    "load_fit",
+    "load_results",
+    "make_fit",
+    "make_plots",
+    "parse_count",
+    "plot_batch_sweeps",
+    "plot_hparam_laws",
+    "plot_loss_law",
+    "plot_lr_sweeps",
+    "plot_predictions",
+    "predict",
+    "preset_n_params",
+    "save_fit",
+]
