@@ -54,16 +54,6 @@ def _warn(message: str) -> None:
     print(f"qwenjax: warning: {message}", file=sys.stderr)
 
 
-def _law_line(law: dict) -> str:
-    coef = ", ".join(
-        f"{k} = {v['value']:.4g} [{v['ci'][0]:.4g}, {v['ci'][1]:.4g}]"
-        if v["ci"][0] is not None
-        else f"{k} = {v['value']:.4g}"
-        for k, v in law["coef"].items()
-    )
-    return f"{law['formula']}: {coef}"
-
-
 def _preset_sizes() -> dict[str, float] | None:
     """Non-embedding N of the seven Qwen2.5 presets, or None (with a warning) if the model is unavailable."""
     from qwenjax.scaling import QWEN25_PRESETS, preset_n_params
@@ -76,7 +66,7 @@ def _preset_sizes() -> dict[str, float] | None:
 
 
 def run(args) -> int:
-    from qwenjax.scaling import load_results, make_fit, make_plots, save_fit
+    from qwenjax.scaling import format_law, load_results, make_fit, make_plots, save_fit
     from qwenjax.scaling.results import skipped_message
 
     df = load_results(args.results, loss_column=args.loss_column, strict=args.strict)
@@ -100,9 +90,9 @@ def run(args) -> int:
         f"(loss: {data['loss_column']}, optimum: {args.method})"
     )
     for law in fit["laws"].values():
-        print(_law_line(law))
+        print(format_law(law))
     if fit["loss_law"]:
-        print(_law_line(fit["loss_law"]))
+        print(format_law(fit["loss_law"]))
     if regret["mean"] is not None:
         print(
             f"leave-one-cell-out regret: mean {regret['mean']:.3%}, median {regret['median']:.3%}, "

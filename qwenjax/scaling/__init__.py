@@ -4,7 +4,7 @@ Pure numpy/scipy/pandas/matplotlib: nothing here imports training or sweeps, so 
 without starting JAX training code. The method and FIT.json format are described in docs/scaling.md.
 """
 
-from qwenjax.scaling.fitfile import FORMAT, load_fit, make_fit, save_fit
+from qwenjax.scaling.fitfile import FORMAT, format_law, load_fit, make_fit, save_fit
 from qwenjax.scaling.hparams import cell_optima, evaluate_law, fit_hparam_laws
 from qwenjax.scaling.loss_law import compute_optimal, evaluate_loss_law, fit_loss_law
 from qwenjax.scaling.plots import (
@@ -30,6 +30,7 @@ __all__ = [
     "fit_hparam_laws",
     "fit_loss_law",
     "format_count",
+    "format_law",
     "load_fit",
     "load_results",
     "make_fit",

@@ -120,6 +120,17 @@ def save_fit(fit: dict, path: str | Path) -> Path:
     return path
 
 
+def format_law(law: dict) -> str:
+    """One line: the formula and each coefficient with its bootstrap interval."""
+    coef = ", ".join(
+        f"{k} = {v['value']:.4g} [{v['ci'][0]:.4g}, {v['ci'][1]:.4g}]"
+        if v["ci"][0] is not None
+        else f"{k} = {v['value']:.4g}"
+        for k, v in law["coef"].items()
+    )
+    return f"{law['formula']}: {coef}"
+
+
 def load_fit(path: str | Path) -> dict:
     """Read a FIT.json written by `qwenjax fit`, with one clear error if it is missing or not one."""
     path = Path(path)
