@@ -56,10 +56,11 @@ class Linear(nnx.Module):
 
     def __call__(self, x_BTI: jax.Array) -> jax.Array:
         x_MI = x_BTI.reshape(-1, x_BTI.shape[-1])
-        y_MO = x_MI @ self.kernel[...].astype(x_BTI.dtype)
+        # Accumulate and add the bias in float32, then round once (as torch does in bf16).
+        y_MO = jnp.dot(x_MI, self.kernel[...].astype(x_BTI.dtype), preferred_element_type=jnp.float32)
         if self.bias is not None:
-            y_MO = y_MO + self.bias[...].astype(x_BTI.dtype)
-        return y_MO.reshape(*x_BTI.shape[:-1], y_MO.shape[-1])
+            y_MO = y_MO + self.bias[...].astype(jnp.float32)
+        return y_MO.astype(x_BTI.dtype).reshape(*x_BTI.shape[:-1], y_MO.shape[-1])
 
 
 class RMSNorm(nnx.Module):
@@ -119,7 +120,8 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, causal: bool):
     for start in range(0, T, block):
         end = min(start + block, T)
         kv_end = end if causal else k_BSKH.shape[1]
-        scores_BKRtS = jnp.einsum("btkrh,bskh->bkrts", q_BTKRH[:, start:end], k_BSKH[:, :kv_end]) * (H**-0.5)
+        scores_BKRtS = jnp.einsum("btkrh,bskh->bkrts", q_BTKRH[:, start:end], k_BSKH[:, :kv_end])
+        scores_BKRtS = (scores_BKRtS.astype(jnp.float32) * H**-0.5).astype(q_BTNH.dtype)  # scale unrounded
         mask_BtS = mask_BTS[:, start:end, :kv_end]
         scores_BKRtS = jnp.where(mask_BtS[:, None, None], scores_BKRtS, jnp.finfo(scores_BKRtS.dtype).min)
         probs_BKRtS = jax.nn.softmax(scores_BKRtS.astype(jnp.float32), axis=-1).astype(q_BTNH.dtype)
@@ -138,7 +140,8 @@ class MLP(nnx.Module):
         self.down_proj = Linear(F, D, bias=False, config=config, rngs=rngs)
 
     def __call__(self, x_BTD):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+        gate_BTF = jax.nn.silu(self.gate_proj(x_BTD).astype(jnp.float32)).astype(x_BTD.dtype)  # torch: f32 silu
+        return self.down_proj(gate_BTF * self.up_proj(x_BTD))
 
 
 class DecoderLayer(nnx.Module):
