@@ -1,0 +1,73 @@
+"""`qwenjax train CONFIG.yaml [KEY=VALUE ...] [--hparams FIT.json]`: one training run (resumes if it can)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a model (resumes from the run directory's latest checkpoint)",
+        description="Train one model. The config is YAML (may inherit with `base: other.yaml`); KEY=VALUE "
+                    "overrides use dotted keys (train.steps=100 optim.lr=1e-3). Writes config.yaml, "
+                    "metrics.jsonl, summary.json and ckpt/ under run_dir. Rerunning the same command "
+                    "resumes.")
+    p.add_argument("config", metavar="CONFIG.yaml", nargs="?", default=None,
+                   help="run config (default: the built-in defaults)")
+    p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="dotted config overrides")
+    p.add_argument("--hparams", metavar="FIT.json", default=None,
+                   help="set optim.lr and train.batch_size from a scaling-law fit (keeping the planned "
+                        "tokens; explicit KEY=VALUE overrides still win)")
+    p.set_defaults(func=_run)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (it may be replaced, e.g. by pytest's capture)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("qwenjax")
+    if not logger.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _run(args: argparse.Namespace) -> int:
+    from qwenjax.run_config import load_config, parse_overrides
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]  # `qwenjax train train.steps=10` (no YAML)
+    cfg = load_config(config, overrides)
+    _setup_logging()
+    log = logging.getLogger("qwenjax.train")
+    from qwenjax.train import apply_hparams, train
+
+    if args.hparams:
+        explicit = {}
+        flat_tree = parse_overrides(overrides)
+        for key in ("optim.lr", "train.batch_size", "train.steps"):
+            section, name = key.split(".")
+            if name in flat_tree.get(section, {}):
+                explicit[key] = flat_tree[section][name]
+        cfg, notes = apply_hparams(cfg, args.hparams, explicit)
+        for note in notes:
+            log.info("%s", note)
+    summary = train(cfg)
+    keys = ("status", "steps_completed", "tokens", "final_loss", "eval_loss", "wall_s", "mfu")
+    print(json.dumps({k: summary.get(k) for k in keys}))
+    return 0
