@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -79,7 +78,8 @@ class ModelConfig:
         if scaling:
             kind = scaling.get("rope_type", scaling.get("type", "default"))
             if kind not in ROPE_TYPES:
-                raise UserError(f"model.rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+                raise UserError(f"model.rope_scaling type {kind!r} is not supported "
+                                f"(supported: {', '.join(ROPE_TYPES)})")
             if kind != "default" and not float(scaling.get("factor", 0)) > 0:
                 raise UserError(f"model.rope_scaling.factor must be positive for {kind} scaling")
 

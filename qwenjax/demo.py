@@ -10,7 +10,6 @@ FIT.json, run directories), so a rerun reuses what is done and finishes fast.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time

@@ -156,7 +156,6 @@ def test_argument_errors(params):
 
 @pytest.fixture
 def run_cli(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMANDS", ("convert", "generate"))
 
     def run(*argv):
         status = cli.main([str(a) for a in argv])

@@ -32,7 +32,6 @@ QWEN25_N = dict(
 @pytest.fixture
 def cli(monkeypatch, capsys):
     """Run `qwenjax ...` in-process; returns (exit status, stdout, stderr)."""
-    monkeypatch.setattr(qwenjax.cli, "COMMANDS", ("fit", "predict"))
 
     def run(*argv):
         status = qwenjax.cli.main([str(a) for a in argv])
@@ -53,7 +52,6 @@ def fitted(results, tmp_path_factory):
     """FIT.json and plots from one `qwenjax fit` run (presets' N patched in to skip JAX tracing)."""
     out = tmp_path_factory.mktemp("fit")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(qwenjax.cli, "COMMANDS", ("fit", "predict"))
         mp.setattr(qwenjax.scaling, "preset_n_params", QWEN25_N.__getitem__)
         status = qwenjax.cli.main(
             [

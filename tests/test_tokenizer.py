@@ -145,7 +145,6 @@ def test_hf_tokenizer_json(corpus, tmp_path):
 def test_cli_train(corpus, tmp_path, monkeypatch, capsys):
     import qwenjax.cli as cli
 
-    monkeypatch.setattr(cli, "COMMANDS", ("tokenizer",))
     out = tmp_path / "sub" / "cli"
     args = ["tokenizer", "train", "--data", str(corpus), "--vocab-size", "400", "--out", str(out)]
     assert cli.main(args) == 0

@@ -121,7 +121,6 @@ def test_tiny_model_learns_real_text(tiny_config, tiny_token_cache, tmp_path):
 
 
 def test_run_files_divergence_and_noop_rerun(tiny_config, tiny_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMANDS", ("train",))
     run_dir = tmp_path / "run"
     args = ["train", str(TINY), *tiny_overrides(tiny_config.data.cache_dir, run_dir, "train.steps=6",
                                                 "train.log_every=2", "eval.every_steps=4", "eval.batches=1",
@@ -172,7 +171,6 @@ def test_hparams_from_fit(tiny_config, tiny_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(scaling, "load_fit", lambda path: {"format": "fake"})
     monkeypatch.setattr(scaling, "predict", fake_predict)
-    monkeypatch.setattr(cli, "COMMANDS", ("train",))
     fit = tmp_path / "FIT.json"
     fit.write_text("{}")
     run_dir = tmp_path / "run"
@@ -212,7 +210,6 @@ def test_hparams_from_fit(tiny_config, tiny_data, tmp_path, monkeypatch):
     (["optim.lr=-1e-3"], "optim.lr must be positive"),
 ])
 def test_bad_input_is_one_line(extra, message, tiny_config, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMANDS", ("train",))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # an earlier run's files survive
