@@ -1,0 +1,61 @@
+"""The demo pipeline in miniature (tiny corpus, tiny grid) end to end, its rerun, and its bad-input paths."""
+
+import json
+import os
+import random
+import string
+import time
+
+import pytest
+
+from qwenjax import cli
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A few dozen small Python-like documents: enough text for a 400-token tokenizer and a held-out split."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 9))) for _ in range(400)]
+    for i in range(60):
+        lines = []
+        for j in range(25):
+            name, arg, doc = rng.choice(words), rng.choice(words), " ".join(rng.choices(words, k=6))
+            lines.append(f"def {name}_{j}({arg}, n={j}):\n    # {doc}.\n    return {arg} * {rng.randint(0, 99)} + n\n")
+        (root / f"m{i}.py").write_text("\n".join(lines))
+    return root
+
+
+@pytest.mark.slow
+def test_demo_miniature_end_to_end_and_rerun(tmp_path, corpus, capsys):
+    out = tmp_path / "demo"
+    t0 = time.perf_counter()
+    assert cli.main(["demo", "--out", str(out), "--data", str(corpus), "--plan", "mini"]) == 0
+    first_s = time.perf_counter() - t0
+    report = (out / "report.md").read_text()
+    for heading in ("## Sweep", "## Fitted laws", "## Prediction", "## Check run", "**Verdict:**"):
+        assert heading in report
+    assert (out / "FIT.json").is_file() and (out / "plots" / "main_loss_curves.png").is_file()
+    fit = json.loads((out / "FIT.json").read_text())
+    assert fit["data"]["cells"] >= 4
+    main_rows = [json.loads(line) for line in (out / "main" / "results.jsonl").read_text().splitlines()]
+    assert len(main_rows) == 3 and {r["status"] for r in main_rows} <= {"ok", "diverged"}
+    mtime = os.path.getmtime(out / "sweep" / "results.jsonl")
+
+    t0 = time.perf_counter()  # a rerun reuses the token cache and every finished run
+    assert cli.main(["demo", "--out", str(out), "--data", str(corpus), "--plan", "mini"]) == 0
+    assert os.path.getmtime(out / "sweep" / "results.jsonl") == mtime
+    assert time.perf_counter() - t0 < first_s / 2
+
+
+@pytest.mark.parametrize("case", ["nothing", "empty", "binary"])
+def test_demo_bad_data_is_one_line(tmp_path, case, capsys):
+    data = tmp_path / "data"
+    if case == "empty":
+        data.mkdir()
+    elif case == "binary":
+        data.mkdir()
+        (data / "blob.bin").write_bytes(bytes(range(256)) * 64)
+    assert cli.main(["demo", "--out", str(tmp_path / "out"), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qwenjax: error:") and str(data.name) in err[0]
