@@ -258,7 +258,7 @@ def train_tokenizer(
     vocab_size = int(vocab_size)
     reserved = 1 + len(CONTROL_TOKENS) + 256
     if vocab_size < MIN_VOCAB_SIZE:
-        raise UserError(f"--vocab-size {vocab_size} is too small: {reserved} ids are reserved for <unk>, "
+        raise UserError(f"tokenizer vocab size {vocab_size} is too small: {reserved} ids are reserved for <unk>, "
                         f"the control tokens and the 256 byte-fallback pieces; use at least {MIN_VOCAB_SIZE}")
     if max_sentence_length < 64 or input_sentence_size < 1:
         raise UserError("max_sentence_length must be >= 64 and input_sentence_size >= 1")
@@ -308,7 +308,7 @@ def train_tokenizer(
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
         too_high = re.search(r"Vocabulary size too high.*?<= *(\d+)", msg)
         if too_high:
-            raise UserError(f"--vocab-size {vocab_size} is too large for this corpus; use at most "
+            raise UserError(f"tokenizer vocab size {vocab_size} is too large for this corpus; use at most "
                             f"{too_high.group(1)} or more data") from None
         msg = re.sub(r"^[A-Z_]+: \S+\(\d+\) \[.*?\] ", "", msg)  # drop sentencepiece's source location
         raise UserError(f"sentencepiece training failed: {msg}") from None
