@@ -20,6 +20,19 @@ CONFIGS = REPO / "configs"
 TINY = CONFIGS / "tiny.yaml"
 
 
+@pytest.fixture
+def run_cli(capsys):
+    """Run `qwenjax ARGS...` in-process; returns (exit status, stdout, stderr)."""
+    from qwenjax import cli
+
+    def run(*argv):
+        status = cli.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def qwenjax_cache(tmp_path_factory) -> Path:
     """A cache root for this session: tokenizers, token caches and JAX's compilation cache live here, so

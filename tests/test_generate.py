@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwenjax import cli, hf
 from qwenjax import generate as gen
+from qwenjax import hf
 from qwenjax.config import ModelConfig
 from qwenjax.errors import UserError
 from qwenjax.model import init_params, logits
@@ -152,17 +152,6 @@ def test_argument_errors(params):
 
 # ----------------------------------------------------------------------------------------------------------
 # The CLI
-
-
-@pytest.fixture
-def run_cli(monkeypatch, capsys):
-
-    def run(*argv):
-        status = cli.main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return run
 
 
 def test_cli_generate_with_sentencepiece_and_tokenizer_json(tmp_path, run_cli, params):

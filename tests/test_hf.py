@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwenjax import cli, hf, model_io
+from qwenjax import hf, model_io
 from qwenjax.config import ModelConfig
 from qwenjax.errors import UserError
 from qwenjax.model import init_params, logits
@@ -176,17 +176,6 @@ def test_model_io_round_trip(untied, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------
 # The CLI
-
-
-@pytest.fixture
-def run_cli(monkeypatch, capsys):
-
-    def run(*argv):
-        status = cli.main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return run
 
 
 def test_convert_both_ways(untied, tmp_path, run_cli):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(subparsers) -> None:
@@ -17,7 +18,8 @@ def register(subparsers) -> None:
                    help="text, JSONL or Parquet file, glob or folder (default: the Python standard library)")
     p.add_argument("--plan", choices=("full", "mini"), default="full",
                    help="full (about 15 min on 2 cores) or mini (a miniature for smoke tests)")
-    p.add_argument("--workers", type=int, default=1, help="sweep worker processes (default 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="sweep worker processes (default: one per CPU core, at most 4)")
     p.set_defaults(func=_run)
 
 
@@ -25,9 +27,10 @@ def _run(args: argparse.Namespace) -> int:
     from qwenjax.demo import run_demo
     from qwenjax.errors import UserError
 
-    if args.workers < 1:
-        raise UserError(f"--workers must be positive, got {args.workers}")
-    report = run_demo(args.out, args.data, plan=args.plan, workers=args.workers)
+    workers = args.workers if args.workers is not None else max(1, min(4, os.cpu_count() or 1))
+    if workers < 1:
+        raise UserError(f"--workers must be positive, got {workers}")
+    report = run_demo(args.out, args.data, plan=args.plan, workers=workers)
     print(report["path"])
     print(report["verdict"])
     return 0
