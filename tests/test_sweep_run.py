@@ -138,7 +138,7 @@ def test_tiny_sweep_with_two_local_workers(tiny_sweep):
     assert all(r["status"] == "ok" and r["final_loss"] < 7 for r in rows if r["lr"] < 1)
     assert all(r["mode"] == "solo" and r["grid"] == "initial" for r in rows)
     for r in rows:
-        run_dir = Path(r["run_dir"])
+        run_dir = out / r["run_dir"]
         assert (run_dir / "summary.json").is_file() and (run_dir / "config.yaml").is_file()
     assert summary["compile_s"] > 0 and 0 < summary["compile_share"] < 1
     saved = json.loads((out / "summary.json").read_text())
@@ -193,16 +193,16 @@ def test_population_members_equal_their_solo_runs(tiny_sweep, tmp_path, env):
     for r in rows:  # same configs -> same run ids as the solo sweep
         s = solo[r["run_id"]]
         assert r["status"] == s["status"] and r.get("diverged_step") == s.get("diverged_step")
-        pop_curve = read_metrics(Path(r["run_dir"]) / "metrics.jsonl")
-        solo_curve = read_metrics(Path(s["run_dir"]) / "metrics.jsonl")
+        pop_curve = read_metrics(out / r["run_dir"] / "metrics.jsonl")
+        solo_curve = read_metrics(solo_out / s["run_dir"] / "metrics.jsonl")
         assert [m["step"] for m in pop_curve] == [m["step"] for m in solo_curve]
         for a, b in zip(pop_curve, solo_curve, strict=True):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
         if s["status"] == "ok":
             assert r["final_loss"] == pytest.approx(s["final_loss"], rel=1e-5)
             assert r["eval_loss"] == pytest.approx(s["eval_loss"], rel=1e-5)
-        summary_file = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
-        assert summary_file["population"]["size"] == 4 and (Path(r["run_dir"]) / "config.yaml").is_file()
+        summary_file = json.loads((out / r["run_dir"] / "summary.json").read_text())
+        assert summary_file["population"]["size"] == 4 and (out / r["run_dir"] / "config.yaml").is_file()
 
 
 @pytest.mark.slow

@@ -128,7 +128,7 @@ def result_row(payload: dict, summary: dict | None, *, wall_s: float, compile_s:
 def recover_finished(payload: dict) -> dict | None:
     """The row of a run that finished (summary.json written) but was not recorded: the sweep was killed
     between the two. Only trusted when the run directory's config is this run's config."""
-    run_dir = Path(payload["row"]["run_dir"])
+    run_dir = Path(payload["config"]["run_dir"])
     summary_path, config_path = run_dir / "summary.json", run_dir / "config.yaml"
     if not summary_path.is_file() or not config_path.is_file():
         return None

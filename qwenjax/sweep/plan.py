@@ -149,7 +149,8 @@ class PlannedRun:
             "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
             "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
             "num_key_value_heads": c.num_key_value_heads, "vocab_size": c.vocab_size,
-            "grid": self.grid, "run_dir": str(self.run_dir),
+            # relative to the sweep folder, so results.jsonl stays valid wherever the folder is moved
+            "grid": self.grid, "run_dir": f"runs/{self.run_id}",
         }
 
 
