@@ -20,18 +20,18 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
     parser = _Parser(prog="qwenjax", description="Qwen2.5 in JAX/Flax with hyperparameter scaling-law sweeps.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name in COMMANDS:
+    for name in commands:
         module = importlib.import_module(f"qwenjax.commands.{name}")
         module.register(sub)
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, commands=COMMANDS) -> argparse.Namespace:
     """Parse a command line; raises UserError (one line) on an unknown subcommand or flag."""
-    parser = build_parser()
+    parser = build_parser(commands)
     args, extra = parser.parse_known_args(argv)
     if extra:  # KEY=VALUE overrides may also follow options (`train CONFIG --hparams F optim.lr=...`)
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
@@ -41,9 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
+    """Run a command line; `commands` limits which subcommands are imported (a standalone entry point)."""
     try:
-        args = parse_args(argv)
+        args = parse_args(argv, commands)
         status = args.func(args)
     except UserError as e:
         print(f"qwenjax: error: {e}", file=sys.stderr)

@@ -424,6 +424,18 @@ def _setup_compilation_cache(cache_root: Path) -> None:
         jax.config.update("jax_compilation_cache_dir", str(cache_root / "jax"))
 
 
+def heldout_loss(eval_fn, params, eval_sets, weights) -> tuple[float, dict[str, float]]:
+    """(weighted mean held-out loss per token over the sources, per-source losses when there are several)."""
+    losses = []
+    for batches in eval_sets:
+        sums = [eval_fn(params, b) for b in batches]
+        nll, count = (float(sum(x)) for x in zip(*jax.device_get(sums), strict=True))
+        losses.append(nll / max(count, 1.0))
+    w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    per_source = {f"eval_loss_{i}": v for i, v in enumerate(losses)} if len(losses) > 1 else {}
+    return float(np.dot(w, losses)), per_source
+
+
 def _mean_last(values: list[float], fraction: float = 0.1) -> float | None:
     values = [v for v in values if v is not None]
     if not values:
@@ -522,14 +534,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         f"peak {peak / 1e9:,.1f} GFLOP/s ({peak_source})")
 
     def evaluate(params) -> tuple[float, dict[str, float]]:
-        losses = []
-        for batches in eval_sets:
-            sums = [eval_fn(params, b) for b in batches]
-            nll, count = (float(sum(x)) for x in zip(*jax.device_get(sums), strict=True))
-            losses.append(nll / max(count, 1.0))
-        weights = np.asarray(data.weights) / np.sum(data.weights)
-        per_source = {f"eval_loss_{i}": v for i, v in enumerate(losses)} if len(losses) > 1 else {}
-        return float(np.dot(weights, losses)), per_source
+        return heldout_loss(eval_fn, params, eval_sets, data.weights)
 
     initial_loss = meta.get("initial_loss")
     prior_wall = float(meta.get("wall_s", 0.0))

@@ -259,19 +259,9 @@ def _bench(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`python -m qwenjax.commands.sweep ...`: this command alone, with the CLI's error handling (a sweep
     launched as a subprocess, e.g. by the tests, does not need every other command to import)."""
-    from qwenjax.cli import _Parser
+    from qwenjax.cli import main as cli_main
 
-    parser = _Parser(prog="qwenjax")
-    register(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
-    try:
-        args = parser.parse_args(["sweep", *(sys.argv[1:] if argv is None else argv)])
-        return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"qwenjax: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("qwenjax: interrupted", file=sys.stderr)
-        return 130
+    return cli_main(["sweep", *(sys.argv[1:] if argv is None else argv)], commands=("sweep",))
 
 
 if __name__ == "__main__":

@@ -47,18 +47,9 @@ MIN_GAIN = 1.05
 
 
 def read_decisions(path: str | os.PathLike) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            out.append(obj)
-    return out
+    from qwenjax.metrics import read_metrics  # the one reader of append-only JSON-lines files
+
+    return read_metrics(path)
 
 
 def find_decision(path, shape_key: str, members: int) -> dict | None:
@@ -259,6 +250,7 @@ def train_population(run_cfgs: Sequence, strategy: str = "map") -> list[dict]:
     from qwenjax.train import (
         _mean_last,
         compiled_eval_step,
+        heldout_loss,
         init_state_sharded,
         make_hparams,
         make_optim_static,
@@ -302,13 +294,7 @@ def train_population(run_cfgs: Sequence, strategy: str = "map") -> list[dict]:
 
     def evaluate(i: int) -> float:
         params = jax.device_put(jax.tree.map(lambda x: x[i], states["params"]), param_sh)
-        losses = []
-        for batches in eval_sets:
-            sums = [eval_fn(params, b) for b in batches]
-            nll, count = (float(sum(x)) for x in zip(*jax.device_get(sums), strict=True))
-            losses.append(nll / max(count, 1.0))
-        weights = np.asarray(data.weights) / np.sum(data.weights)
-        return float(np.dot(weights, losses))
+        return heldout_loss(eval_fn, params, eval_sets, data.weights)[0]
 
     step = 0
     alive_dev = None  # alive on the device, re-sent only when a member diverges
