@@ -38,7 +38,7 @@ class DemoPlan:
 
 
 PLANS = {
-    "full": DemoPlan(sizes=(2.0e4, 5.0e4, 1.2e5), tokens=(2.5e5, 5.0e5), lr=(2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
+    "full": DemoPlan(sizes=(2.0e4, 5.0e4, 1.2e5), tokens=(1.25e5, 2.5e5), lr=(2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
                      batch_size=(8, 16), seq_len=128, main_scale=3.0, vocab_size=2048, head_dim=16,
                      max_bytes=None, eval_batches=16),
     "mini": DemoPlan(sizes=(2.0e4, 6.0e4), tokens=(8.0e3, 1.6e4), lr=(1.6e-2, 6.4e-2, 0.25), batch_size=(4, 8),
