@@ -21,6 +21,15 @@ TINY = CONFIGS / "tiny.yaml"
 
 
 @pytest.fixture
+def full_precision_matmuls():
+    """float32 matmuls at full precision on any backend (GPUs default to TF32): the tolerances hold there."""
+    import jax
+
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.fixture
 def run_cli(capsys):
     """Run `qwenjax ARGS...` in-process; returns (exit status, stdout, stderr)."""
     from qwenjax import cli

@@ -22,11 +22,7 @@ TOKENS = np.random.default_rng(0).integers(0, 61, (2, 12))
 _forward = jax.jit(logits, static_argnums=0)
 
 
-@pytest.fixture(autouse=True)
-def _full_precision_matmuls():
-    """float32 matmuls at full precision on any backend (GPUs default to TF32): the tolerances hold there."""
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("full_precision_matmuls")
 
 
 def hf_model(seed: int = 0, **overrides):
