@@ -436,6 +436,17 @@ def heldout_loss(eval_fn, params, eval_sets, weights) -> tuple[float, dict[str, 
     return float(np.dot(w, losses)), per_source
 
 
+def step_events(cfg: RunConfig, step: int) -> tuple[bool, bool, bool]:
+    """(evaluate now, checkpoint now, fetch metrics now) after `step` steps: the one cadence that
+    solo runs and populations share, so a population member logs exactly the records its solo run would."""
+    last = step == cfg.train.steps
+    do_eval = bool(last or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0))
+    do_ckpt = bool(cfg.checkpoint.enabled and (
+        last or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)))
+    fetch = do_eval or do_ckpt or step % cfg.train.log_every == 0 or step == 1
+    return do_eval, do_ckpt, fetch
+
+
 def _mean_last(values: list[float], fraction: float = 0.1) -> float | None:
     values = [v for v in values if v is not None]
     if not values:
@@ -551,11 +562,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             state, step_metrics = step_fn(state, batch, hp)
             step += 1
             pending.append((step, step_metrics))
-            last = step == cfg.train.steps
-            do_eval = last or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)
-            do_ckpt = cfg.checkpoint.enabled and (
-                last or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0))
-            if not (do_eval or do_ckpt or step % cfg.train.log_every == 0 or step == 1):
+            do_eval, do_ckpt, fetch = step_events(cfg, step)
+            if not fetch:
                 continue
             fetched = jax.device_get([m for _, m in pending])
             now = time.perf_counter()

@@ -255,6 +255,7 @@ def train_population(run_cfgs: Sequence, strategy: str = "map") -> list[dict]:
         make_hparams,
         make_optim_static,
         prepare_data,
+        step_events,
     )
 
     t_start = time.perf_counter()
@@ -313,10 +314,8 @@ def train_population(run_cfgs: Sequence, strategy: str = "map") -> list[dict]:
                 compile_s = time.perf_counter() - call_t + compile_eval_s
             step += 1
             pending.append((step, m))
-            last = step == base.train.steps
-            do_eval = last or (base.eval.every_steps and step % base.eval.every_steps == 0)
-            do_ckpt = last or (base.checkpoint.every_steps and step % base.checkpoint.every_steps == 0)
-            if not (do_eval or do_ckpt or step % base.train.log_every == 0 or step == 1):
+            do_eval, _, fetch = step_events(base, step)
+            if not fetch:
                 continue
             fetched = jax.device_get([x for _, x in pending])
             now = time.perf_counter()
