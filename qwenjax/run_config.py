@@ -199,12 +199,21 @@ class DataSection:
 @dataclasses.dataclass(frozen=True)
 class EvalSection:
     every_steps: int = 0  # 0 = only at the end
-    batches: int = 8  # held-out batches of train.batch_size sequences
+    batches: int = 8  # held-out batches of train.batch_size sequences (when `sequences` is 0)
+    # > 0: evaluate on this many held-out sequences whatever the batch size, so runs of one sweep that differ
+    # in batch size are judged on the same text (rounded up to whole eval batches)
+    sequences: int = 0
 
     def __post_init__(self):
         if self.every_steps < 0:
             raise UserError(f"eval.every_steps must be >= 0, got {self.every_steps!r}")
         _positive("eval.batches", self.batches)
+        if self.sequences < 0:
+            raise UserError(f"eval.sequences must be >= 0, got {self.sequences!r}")
+
+    def num_batches(self, batch_size: int) -> int:
+        """Eval batches of `batch_size` sequences: `batches`, or enough to cover `sequences`."""
+        return -(-self.sequences // batch_size) if self.sequences else self.batches
 
 
 @dataclasses.dataclass(frozen=True)

@@ -495,7 +495,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     eval_bs = B // k
     e_block, e_blocks = sharding.process_batch_block(mesh, eval_bs)
     eval_sets = [[sharding.global_batch(b, mesh, eval_bs) for b in make_eval_batches(
-        c, seq_len=T, batch_size=eval_bs, num_batches=cfg.eval.batches, process_index=e_block,
+        c, seq_len=T, batch_size=eval_bs, num_batches=cfg.eval.num_batches(eval_bs), process_index=e_block,
         process_count=e_blocks)] for c in data.caches]
 
     n_total, n_non_embedding = qmodel.count_params(model_cfg)

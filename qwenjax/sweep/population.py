@@ -272,7 +272,7 @@ def train_population(run_cfgs: Sequence, strategy: str = "map") -> list[dict]:
                                      seed=base.seed)
     eval_bs = B // k
     eval_sets = [[sharding.global_batch(b, mesh, eval_bs) for b in make_eval_batches(
-        c, seq_len=T, batch_size=eval_bs, num_batches=base.eval.batches)] for c in data.caches]
+        c, seq_len=T, batch_size=eval_bs, num_batches=base.eval.num_batches(eval_bs))] for c in data.caches]
     n_total, n_non_embedding = qmodel.count_params(mc)
     fpt = flops_per_token(mc, T)
     peak, peak_source = qmetrics.peak_flops(mesh.devices.flat)
