@@ -131,13 +131,18 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def truncate_metrics(path: str | Path, last_step: int) -> list[dict[str, Any]]:
     """Keep the records with step <= last_step (atomic rewrite); returns them. Used on resume."""
-    from qwenjax.run_config import atomic_write_text
-
     path = Path(path)
     records = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
     if path.exists():
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+        write_metrics(path, records)
     return records
+
+
+def write_metrics(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """Replace a metrics file with `records` atomically (a kill leaves the old file or the new one)."""
+    from qwenjax.run_config import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps({k: _finite(v) for k, v in r.items()}) + "\n" for r in records))
 
 
 def _finite(x):

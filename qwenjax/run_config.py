@@ -28,6 +28,7 @@ from qwenjax.config import ModelConfig, preset
 from qwenjax.errors import UserError
 
 SCHEDULES = ("cosine", "wsd", "constant")
+DECAY_SHAPES = ("linear", "1-sqrt")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -90,7 +91,8 @@ class OptimSection:
     schedule: str = "cosine"  # cosine | wsd | constant (after linear warmup)
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # final lr = min_lr_ratio x lr
-    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to the floor
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays to the floor
+    decay_shape: str = "linear"  # wsd: linear | 1-sqrt (Hägele et al. 2024)
     weight_decay: float = 0.1  # decoupled (AdamW): param -= lr x wd x param
     b1: float = 0.9
     b2: float = 0.95
@@ -105,6 +107,9 @@ class OptimSection:
         if self.schedule not in SCHEDULES:
             raise UserError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
                             + _did_you_mean(self.schedule, SCHEDULES))
+        if self.decay_shape not in DECAY_SHAPES:
+            raise UserError(f"optim.decay_shape must be one of {', '.join(DECAY_SHAPES)}, got "
+                            f"{self.decay_shape!r}" + _did_you_mean(self.decay_shape, DECAY_SHAPES))
         if self.warmup_steps < 0:
             raise UserError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps!r}")
         for name in ("min_lr_ratio", "decay_fraction", "b1", "b2"):

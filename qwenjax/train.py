@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,7 @@ def make_hparams(run_cfg: RunConfig) -> dict[str, jax.Array]:
 
 def make_optim_static(run_cfg: RunConfig) -> OptimStatic:
     return OptimStatic(schedule=run_cfg.optim.schedule, grad_accum=run_cfg.train.grad_accum,
-                       decay_embeddings=run_cfg.optim.decay_embeddings)
+                       decay_embeddings=run_cfg.optim.decay_embeddings, decay_shape=run_cfg.optim.decay_shape)
 
 
 def loss_terms(params, batch, model_cfg: ModelConfig):
@@ -447,6 +447,56 @@ def step_events(cfg: RunConfig, step: int) -> tuple[bool, bool, bool]:
     return do_eval, do_ckpt, fetch
 
 
+def fork_steps(cfg: RunConfig, forks: Sequence[RunConfig]) -> dict[int, list[RunConfig]]:
+    """{step: forks that start from this run's state after that many steps}: each fork's WSD decay start.
+
+    A fork must be this run with fewer train.steps (any other difference would change its first steps), and
+    the schedule WSD, whose stable phase is the same for every length. Forks that start at step 0 are left
+    out: they share nothing."""
+    same = {k: v for k, v in _flatten(config_to_dict(cfg)).items() if k not in ("train.steps", "run_dir")}
+    out: dict[int, list[RunConfig]] = {}
+    for fork in forks:
+        differs = [k for k, v in _flatten(config_to_dict(fork)).items()
+                   if k not in ("train.steps", "run_dir") and same.get(k) != v]
+        if differs:
+            raise UserError(f"fork {fork.run_dir} differs from {cfg.run_dir} in {differs[0]}, not only in "
+                            "train.steps")
+        if cfg.optim.schedule != "wsd":
+            raise UserError(f"forks need optim.schedule: wsd (the stable phase they share), got "
+                            f"{cfg.optim.schedule!r}")
+        if not cfg.checkpoint.enabled:
+            raise UserError("forks need checkpoint.enabled: true (a fork resumes from a checkpoint)")
+        if fork.train.steps >= cfg.train.steps:
+            raise UserError(f"fork {fork.run_dir} has {fork.train.steps} train.steps, not fewer than "
+                            f"{cfg.train.steps}")
+        step = optim.wsd_decay_start(fork.train.steps, fork.optim.decay_fraction, fork.optim.warmup_steps)
+        if step > 0:
+            out.setdefault(step, []).append(fork)
+    return out
+
+
+def _write_fork(fork: RunConfig, step: int, state, meta: dict[str, Any], records: list[dict],
+                is_main: bool) -> None:
+    """Make `fork`'s run directory hold this run's state after `step` steps, as if the fork had trained to
+    there and checkpointed: its config, the metrics records its own cadence logs up to `step`, and a complete
+    checkpoint (saved synchronously, last, so a kill leaves either a resumable fork or none)."""
+    from qwenjax.metrics import write_metrics
+
+    fork_dir = Path(fork.run_dir).expanduser()
+    if (fork_dir / "summary.json").is_file() or any(
+            p.name.isdigit() for p in (fork_dir / "ckpt").glob("*")):
+        return  # the fork has its own state already (trained, or resumed from an earlier hand-over)
+    if is_main:
+        fork_dir.mkdir(parents=True, exist_ok=True)
+        save_config(fork, fork_dir / "config.yaml")
+        write_metrics(fork_dir / "metrics.jsonl", [r for r in records if step_events(fork, r["step"])[2]])
+    ckpt = Checkpointer(fork_dir / "ckpt", keep=fork.checkpoint.keep, use_async=False)
+    try:
+        ckpt.save(step, state, meta)
+    finally:
+        ckpt.close()
+
+
 def _mean_last(values: list[float], fraction: float = 0.1) -> float | None:
     values = [v for v in values if v is not None]
     if not values:
@@ -455,11 +505,16 @@ def _mean_last(values: list[float], fraction: float = 0.1) -> float | None:
     return float(np.mean(values[-n:]))
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
+def train(cfg: RunConfig, forks: Sequence[RunConfig] = ()) -> dict[str, Any]:
     """Run (or resume, or return the summary of an already finished identical run) and return the summary.
 
     Divergence (a non-finite loss, or a loss above train.divergence_factor x the first step's) stops the run
     early with `diverged: true` in the summary; it is a result, not an error.
+
+    `forks`: configs of shorter WSD runs that differ from this one only in train.steps and run_dir. When this
+    run reaches a fork's decay start (`fork_steps`), it writes its complete state there (checkpoint, metrics
+    so far, config), so `train(fork)` resumes from it and trains only the fork's cooldown, bit-identical to
+    training the fork from scratch. A fork that already has a checkpoint or a summary is left alone.
     """
     from qwenjax import metrics as qmetrics
     from qwenjax.data import make_eval_batches, make_train_iterator
@@ -469,6 +524,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     unset = missing_keys(cfg)
     if unset:
         raise UserError(f"{unset[0]} is not set (the config has ???); pass {unset[0]}=VALUE")
+    forks_at = fork_steps(cfg, forks)
     run_dir = Path(cfg.run_dir).expanduser()
     done = _finished_summary(run_dir, cfg)
     if done is not None:
@@ -524,6 +580,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     else:
         start_step = 0
         state = _initial_state(cfg, model_cfg, rng, mesh, state_sh)
+    origin = {k: meta[k] for k in ("fork_of", "fork_step") if k in meta}  # a fork keeps saying it is one
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -547,6 +604,19 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     def evaluate(params) -> tuple[float, dict[str, float]]:
         return heldout_loss(eval_fn, params, eval_sets, data.weights)
 
+    def checkpoint_meta() -> dict[str, Any]:
+        return {"data": train_iter.get_state(), "initial_loss": initial_loss,
+                "wall_s": prior_wall + time.perf_counter() - t_start, "train_s": prior_train_s + train_s,
+                "compile_s": compile_s, "step": step, **origin}
+
+    def write_forks(fork_cfgs) -> float:
+        """Hand this run's state after `step` steps to the forks that start here; returns the seconds taken."""
+        t0 = time.perf_counter()
+        fork_meta = {**checkpoint_meta(), "fork_of": str(run_dir), "fork_step": step}
+        for fork in fork_cfgs:
+            _write_fork(fork, step, {"train": state, "rng": rng_data}, fork_meta, records, is_main)
+        return time.perf_counter() - t0
+
     initial_loss = meta.get("initial_loss")
     prior_wall = float(meta.get("wall_s", 0.0))
     prior_train_s = float(meta.get("train_s", 0.0))
@@ -563,12 +633,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             step += 1
             pending.append((step, step_metrics))
             do_eval, do_ckpt, fetch = step_events(cfg, step)
-            if not fetch:
+            forks_here = forks_at.get(step, ())
+            if not (fetch or forks_here):
                 continue
             fetched = jax.device_get([m for _, m in pending])
             now = time.perf_counter()
-            train_s += now - mark_time
-            tokens_per_s = (step - mark_step) * B * T / max(now - mark_time, 1e-9)
             record_step, values = pending[-1][0], fetched[-1]
             for (s, _), m in zip(pending, fetched, strict=True):
                 loss = float(m["loss"])
@@ -577,6 +646,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 if not math.isfinite(loss) or loss > cfg.train.divergence_factor * initial_loss:
                     diverged, diverged_step, record_step, values = True, s, s, m
                     break
+            if forks_here and not diverged and not fetch:  # between logged steps: hand over, log nothing
+                mark_time += write_forks(forks_here)
+                continue
+            train_s += now - mark_time
+            tokens_per_s = (step - mark_step) * B * T / max(now - mark_time, 1e-9)
             pending.clear()
             record = {"step": record_step, "loss": float(values["loss"]), "lr": float(values["lr"]),
                       "grad_norm": float(values["grad_norm"]), "tokens": record_step * B * T,
@@ -589,11 +663,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 record.update(eval_loss=eval_loss, **per_source)
             records.append(record)
             logger.log(record)
+            if forks_here and not diverged:  # before this run's own checkpoint: a resume never skips a fork
+                write_forks(forks_here)
             if do_ckpt and not diverged:
-                ckpt.save(step, {"train": state, "rng": rng_data}, {
-                    "data": train_iter.get_state(), "initial_loss": initial_loss,
-                    "wall_s": prior_wall + time.perf_counter() - t_start, "train_s": prior_train_s + train_s,
-                    "compile_s": compile_s, "step": step})
+                ckpt.save(step, {"train": state, "rng": rng_data}, checkpoint_meta())
             mark_time, mark_step = time.perf_counter(), step
         if not diverged and eval_loss is None:  # resumed at the very end: evaluate once more
             eval_loss, _ = evaluate(state["params"])
@@ -628,7 +701,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         "weight_decay": cfg.optim.weight_decay, "seed": cfg.seed,
         "mesh": dict(mesh.shape), "devices": jax.device_count(), "processes": jax.process_count(),
         "platform": jax.devices()[0].platform,
-        "hparams": cfg.hparams,
+        "hparams": cfg.hparams, **origin,
     }
     summary = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
     if is_main:
