@@ -1,4 +1,4 @@
-"""Running sweeps: local workers and Ray, resume after kill -9, divergence, retries, populations.
+"""Running sweeps: local workers and Ray, resume after kill -9, divergence, retries, populations, cooldown forks.
 
 Fast tests use `fake_train` (a stand-in for qwenjax.train.train that writes what the trainer writes); the
 end-to-end ones train sweeps/tiny.yaml (8 runs of a 1-layer model) with the real trainer. All sweeps of the
@@ -46,6 +46,27 @@ def fake_train(cfg) -> dict:
                "eval_loss": None if diverged else loss + 0.01, "diverged_step": 3 if diverged else None}
     atomic_write_text(run_dir / "summary.json", json.dumps(summary))
     return summary
+
+
+def crash_mid_fork(cfg, forks=()) -> dict:
+    """The trainer, except that the first fork to save a checkpoint of its own (past the state its parent
+    handed over) kills its worker right after that save: a sweep killed mid-fork."""
+    from qwenjax.checkpoint import Checkpointer
+    from qwenjax.train import train
+
+    marker = Path(os.environ["QWENJAX_TEST_FORK_CRASH"])
+    if not getattr(Checkpointer, "crash_armed", False):
+        save = Checkpointer.save
+
+        def save_then_crash(self, step, state, meta):
+            save(self, step, state, meta)
+            if meta.get("fork_of") and step > meta["fork_step"] and not marker.exists():
+                self.wait()
+                marker.touch()
+                os._exit(9)
+
+        Checkpointer.save, Checkpointer.crash_armed = save_then_crash, True
+    return train(cfg, forks=forks)
 
 
 @pytest.fixture(scope="session")
@@ -222,3 +243,53 @@ def test_population_probe_and_benchmark(jax_cache):
     assert bench["n_params"] > 0 and bench["best"] == "map"
     d = decide([cfg, cfg.replace(**{"optim.lr": 1e-2})], steps=2, shape_key="k", strategies=("map",))
     assert d["mode"] in ("population", "solo") and d["ratio"] > 0 and d["members"] == 2
+
+
+@pytest.mark.slow
+def test_forked_cooldowns_equal_direct_runs_and_resume_mid_fork(tmp_path, env, monkeypatch):
+    """Budgets of 32 and 64 steps (WSD, 1-sqrt, half the steps decaying): the 32-step runs fork from the
+    64-step runs at step 16. One fork is killed after its own checkpoint at step 24 and recorded failed; the
+    rerun resumes it there. Every fork's result line, loss curve and losses equal those of the run trained
+    directly to its budget (the same config, so the same run id); the lr 3.0 family diverges."""
+    tree = {"name": "forks", "base": str(ROOT / "configs" / "tiny.yaml"),
+            "models": [{"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 1,
+                        "num_attention_heads": 2, "num_key_value_heads": 1}],
+            "tokens": [8192, 16384], "lr": [6e-3, 3.0], "batch_size": [4], "max_extensions": 0,
+            "overrides": {"train.seq_len": 64, "train.log_every": 4, "optim.schedule": "wsd",
+                          "optim.decay_shape": "1-sqrt", "optim.decay_fraction": 0.5, "optim.warmup_steps": 3,
+                          "eval.batches": 1, "checkpoint.every_steps": 8, "checkpoint.keep": 1}}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tree))
+    direct_out = tmp_path / "direct"
+    run_sweep(spec, direct_out, SweepOptions(workers=1, live=False))
+    direct = {r["run_id"]: r for r in check_complete(direct_out, 4)}
+
+    spec.write_text(yaml.safe_dump({**tree, "fork_cooldowns": True}))
+    out = tmp_path / "forked"
+    monkeypatch.setenv("QWENJAX_TEST_FORK_CRASH", str(tmp_path / "crashed"))
+    opts = SweepOptions(workers=1, live=False, max_retries=0, run_fn="test_sweep_run:crash_mid_fork")
+    first = run_sweep(spec, out, opts)
+    assert (tmp_path / "crashed").exists() and first["counts"].get("failed") == 1
+    done_first = {r["run_id"] for r in rows_of(out) if r["status"] != "failed"}
+    summary = run_sweep(spec, out, opts)
+    assert summary["trained_now"] == 1 and summary["counts"] == {"ok": 2, "diverged": 2}
+    latest = {r["run_id"]: r for r in rows_of(out)}
+    assert latest.keys() == direct.keys()
+    resumed = [r for r in latest.values() if r["run_id"] not in done_first]
+    assert len(resumed) == 1 and resumed[0]["fork_step"] == 16 and resumed[0]["lr"] == 6e-3
+    for rid, row in latest.items():
+        d = direct[rid]
+        for key in ("status", "tokens", "steps", "final_loss", "eval_loss", "diverged_step"):
+            assert row.get(key) == d.get(key), key
+        if row["tokens"] == 8192 and row["lr"] == 6e-3:
+            parent = next(r for r in latest.values() if r["tokens"] == 16384 and r["lr"] == 6e-3)
+            assert row["fork_of"] == parent["run_id"] and row["fork_step"] == 16
+        curve = read_metrics(out / row["run_dir"] / "metrics.jsonl")
+        direct_curve = read_metrics(direct_out / d["run_dir"] / "metrics.jsonl")
+        assert [(m["step"], m["loss"], m["lr"]) for m in curve] == \
+            [(m["step"], m["loss"], m["lr"]) for m in direct_curve]
+        assert (out / row["run_dir"] / "config.yaml").is_file() and (out / row["run_dir"] / "summary.json").is_file()
+    forks = summary["forks"]
+    saved = sum(r.get("fork_step") or 0 for r in latest.values()) * 4 * 64
+    assert forks["runs"] >= 1 and forks["tokens_without_forks"] - forks["tokens_trained"] == saved > 0
+    assert json.loads((out / "summary.json").read_text())["forks"] == forks

@@ -78,6 +78,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _print_summary(s: dict) -> None:
+    from qwenjax.scaling.units import format_count
     from qwenjax.sweep.progress import format_duration
 
     c = s["counts"]
@@ -91,6 +92,11 @@ def _print_summary(s: dict) -> None:
     for d in s["population_decisions"]:
         how = f"{d['strategy']}, " if d.get("strategy") else ""
         print(f"population probe: {d['members']} members -> {d['mode']} ({how}{d['ratio']:.2f}x solo)")
+    forks = s["forks"]
+    if forks["runs"]:
+        print(f"forks: {forks['runs']} runs trained only their cooldown: {format_count(forks['tokens_trained'])} "
+              f"tokens trained instead of {format_count(forks['tokens_without_forks'])} "
+              f"({100 * forks['saving']:.1f}% saved)")
     for b in s["best_per_cell"]:
         print(f"N={b['n_params']:,} D={b['tokens']:.3g}: best loss {b['loss']:.4f} at lr {b['lr']:.3g}, "
               f"batch {b['batch_size']}")
@@ -126,11 +132,12 @@ def probe_in_worker(cfgs: list, workers: int, steps: int = 3) -> list[dict]:
 
 def _dry_run(spec, out: Path, args) -> int:
     from qwenjax.scaling.units import format_count
-    from qwenjax.sweep.plan import Planner, describe
+    from qwenjax.sweep.plan import Planner, describe, fork_plan, trained_share
     from qwenjax.sweep.progress import format_duration
 
     planner = Planner(spec, out)
     runs = planner.initial_runs()
+    forks = fork_plan(runs) if spec.fork_cooldowns else None
     workers = args.workers or 1
     estimate = None
     if not args.no_probe and runs:
@@ -143,15 +150,18 @@ def _dry_run(spec, out: Path, args) -> int:
             print(f"probe {r.model.label} batch {r.batch_size}: {m['solo_step_s'] * 1e3:.1f} ms/step, "
                   f"compile {m['solo_compile_s']:.1f} s ({workers} worker(s)' share of the cores)")
     print(f"{'run_id':12}  {'model':12} {'N':>7} {'D':>7} {'lr':>9} {'batch':>5} {'steps':>6} {'FLOPs':>8} "
-          f"{'est':>7}")
-    total_s = 0.0
+          f"{'est':>7}" + ("  forks from" if forks is not None else ""))
+    total_s = full_s = 0.0
     for r in sorted(runs, key=lambda r: (r.model.n_params, r.tokens, r.batch_size, r.lr, r.seed)):
-        est = estimate(r) if estimate else None
+        full = estimate(r) if estimate else None
+        est = full * trained_share(r, forks or {}) if full else None
         total_s += est or 0.0
+        full_s += full or 0.0
+        fork = f"  {forks[r.run_id][0].run_id}@{forks[r.run_id][1]}" if forks and r.run_id in forks else ""
         print(f"{r.run_id:12}  {r.model.label:12} {format_count(r.model.n_params):>7} "
               f"{format_count(r.tokens):>7} {r.lr:>9.3g} {r.batch_size:>5} {r.steps:>6} "
-              f"{format_count(r.flops):>8} {format_duration(est) if est else '?':>7}")
-    d = describe(runs)
+              f"{format_count(r.flops):>8} {format_duration(est) if est else '?':>7}{fork}")
+    d = describe(runs, forks)
     compile_s = 0.0
     if estimate:
         one_per_shape = {r.shape_key: r for r in runs}.values()
@@ -164,6 +174,15 @@ def _dry_run(spec, out: Path, args) -> int:
     if spec.max_extensions:
         line += f"; plus up to {spec.max_extensions} grid extensions per cell whose optimum sits on an edge"
     print(line)
+    if forks is not None:
+        saving = 1.0 - d["tokens_with_forks"] / d["tokens"] if d["tokens"] else 0.0
+        line = (f"forks: {d['forks']} runs train only their cooldown from a longer run's state: "
+                f"{format_count(d['tokens_with_forks'])} tokens trained instead of {format_count(d['tokens'])} "
+                f"({100 * saving:.1f}% saved)")
+        if estimate:
+            line += (f"; steps {format_duration(total_s)} instead of {format_duration(full_s)} "
+                     f"(included in the estimate above)")
+        print(line)
     return 0
 
 

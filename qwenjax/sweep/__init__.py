@@ -9,6 +9,9 @@ continues where the sweep stopped.
 
 Scheduling: runs of equal shape compile to the same step, so a worker that has just trained a shape gets
 another run of that shape next; a free worker with none left takes the shape with the most work left.
+With `fork_cooldowns`, the pending runs of a family (equal but for their token budget) are one unit: its
+worker trains the longest first, which hands its state to the others at their decay starts, then the others,
+which resume from there; families therefore run solo, and `population: lr` only groups runs without family.
 """
 
 from __future__ import annotations
@@ -99,24 +102,32 @@ class _Driver:
 
     # -- units ----------------------------------------------------------------------------------------
     def make_units(self) -> list[dict]:
-        """Group the pending runs into units (population groups or single runs)."""
-        groups: dict[str, list] = defaultdict(list)
-        for rid in self.pending:
-            r = self.runs[rid]
-            key = r.population_key if self.spec.population == "lr" else rid
-            groups[key].append(r)
+        """Group the pending runs into units: families (fork_cooldowns), population groups or single runs."""
+        from qwenjax.sweep.plan import families, fork_plan, trained_share
+
+        pending = [self.runs[rid] for rid in self.pending]
         self.pending = []
-        units = []
+        units: list[tuple[str, list]] = []
+        if self.spec.fork_cooldowns:
+            grouped = families(pending)
+            units += [("family", members) for members in grouped if len(members) > 1]
+            pending = [members[0] for members in grouped if len(members) == 1]
+        groups: dict[str, list] = defaultdict(list)
+        for r in pending:
+            groups[r.population_key if self.spec.population == "lr" else r.run_id].append(r)
         for members in groups.values():
             members.sort(key=lambda r: r.lr)
-            kind = "population" if len(members) > 1 else "solo"
-            units.append({"id": next(self.unit_ids), "kind": kind, "shape_key": members[0].shape_key,
-                          "flops": sum(r.flops for r in members),
-                          "runs": [_payload(r, self.spec.name) for r in members],
-                          "probe_steps": self.opts.population_probe_steps,
-                          "force": self.opts.force_population,
-                          "decisions": str(self.out_dir / "population_decisions.jsonl")})
-        return units
+            units.append(("population" if len(members) > 1 else "solo", members))
+        out = []
+        for kind, members in units:
+            forks = fork_plan(members) if kind == "family" else {}
+            out.append({"id": next(self.unit_ids), "kind": kind, "shape_key": members[0].shape_key,
+                        "flops": sum(r.flops * trained_share(r, forks) for r in members),
+                        "runs": [_payload(r, self.spec.name) for r in members],
+                        "probe_steps": self.opts.population_probe_steps,
+                        "force": self.opts.force_population,
+                        "decisions": str(self.out_dir / "population_decisions.jsonl")})
+        return out
 
     @staticmethod
     def pick(units: list[dict], slot, busy_shapes: set[str]) -> dict:
@@ -201,6 +212,23 @@ def _sum(rows, key) -> float:
     return float(sum(r.get(key) or 0.0 for r in rows))
 
 
+def fork_savings(rows) -> dict:
+    """Tokens the finished runs trained, against what they would have trained without forks (a fork trains
+    from its fork step; a diverged run up to its divergence)."""
+    trained = without = 0.0
+    forks = 0
+    for row in rows:
+        if row.get("status") not in ("ok", "diverged"):
+            continue
+        end = row.get("diverged_step") or row["steps"]
+        start = min(row.get("fork_step") or 0, end)
+        forks += bool(start)
+        trained += (end - start) * row["batch_tokens"]
+        without += end * row["batch_tokens"]
+    return {"runs": forks, "tokens_trained": trained, "tokens_without_forks": without,
+            "saving": round(1.0 - trained / without, 4) if without else 0.0}
+
+
 def summarize(driver: _Driver, wall_s: float, executor_desc: str) -> dict:
     """The sweep summary: counts, compile vs step time, population decisions, best run per cell."""
     all_rows = list(driver.rows.values())
@@ -237,6 +265,7 @@ def summarize(driver: _Driver, wall_s: float, executor_desc: str) -> dict:
         "step_and_other_s": round(run_s - compile_s, 2),
         "compile_share": round(compile_s / run_s, 4) if run_s > 0 else None,
         "lost_units": driver.lost_units,
+        "forks": fork_savings(all_rows),
         "population_decisions": decisions,
         "best_per_cell": sorted(best.values(), key=lambda b: (b["n_params"], b["tokens"])),
         "cells_extended": {f"{driver.planner.models[c[0]].n_params}/{c[1]:g}": n

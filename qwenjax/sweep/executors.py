@@ -1,8 +1,10 @@
 """Executors: where and how the runs of a sweep are trained.
 
-A *unit* is what one worker process trains in one go: a single run, or a population group (runs that
-differ only in their learning rate). The driver (`qwenjax.sweep.run_sweep`) decides the order; the
-executors here only move units to processes and results back:
+A *unit* is what one worker process trains in one go: a single run, a population group (runs that
+differ only in their learning rate), or a family (runs that differ only in their token budget, longest
+first: with `fork_cooldowns` the first hands its state to the others, which then train only their
+cooldown). The driver (`qwenjax.sweep.run_sweep`) decides the order; the executors here only move units to
+processes and results back:
 
 - `LocalExecutor`: K worker processes on this machine (`python -m qwenjax.sweep.executors --worker`), each
   pinned to its share of the CPU cores (affinity, XLA intra-op threads, OMP threads) or of the GPUs. A
@@ -118,6 +120,8 @@ def result_row(payload: dict, summary: dict | None, *, wall_s: float, compile_s:
     for key in ("diverged_step", "diverged_at", "steps_done"):
         if key in summary:
             row[key] = summary[key]
+    if summary.get("fork_of"):  # started from a longer run's state (the trainer's record): that run's id
+        row.update(fork_of=Path(summary["fork_of"]).name, fork_step=summary["fork_step"])
     if error:
         row["error"] = error
     if recovered:
@@ -147,8 +151,9 @@ def recover_finished(payload: dict) -> dict | None:
                       compile_s=summary.get("compile_s"), mode=summary.get("mode", "solo"), recovered=True)
 
 
-def execute_run(payload: dict, run_fn: RunFn, *, mode: str = "solo") -> dict:
-    """Train one run (or recover it) and return its result row; exceptions become a `failed` row."""
+def execute_run(payload: dict, run_fn: RunFn, *, mode: str = "solo", forks: list[dict] = ()) -> dict:
+    """Train one run (or recover it) and return its result row; exceptions become a `failed` row.
+    `forks`: configs (as dicts) of shorter runs this one hands its state to (`qwenjax.train.train`)."""
     recovered = recover_finished(payload)
     if recovered is not None:
         return recovered
@@ -156,7 +161,8 @@ def execute_run(payload: dict, run_fn: RunFn, *, mode: str = "solo") -> dict:
 
     t0, c0 = time.perf_counter(), CompileClock.read()
     try:
-        summary = run_fn(config_from_dict(payload["config"]))
+        cfg = config_from_dict(payload["config"])
+        summary = run_fn(cfg, forks=[config_from_dict(f) for f in forks]) if forks else run_fn(cfg)
         error = None
     except Exception as e:  # noqa: BLE001 - a failed run must not stop the sweep
         traceback.print_exc()
@@ -181,9 +187,11 @@ def execute_unit(unit: dict, run_fn: RunFn, emit: Callable[[dict], None], store:
 
         execute_population(unit, run_fn, emit, finished)
         return
-    for payload in unit["runs"]:
+    # a family trains its longest run first, handing over its state to the rest, which then resume from it
+    forks = [p["config"] for p in unit["runs"][1:]] if unit["kind"] == "family" else []
+    for i, payload in enumerate(unit["runs"]):
         emit({"event": "started", "run_id": payload["row"]["run_id"]})
-        finished(execute_run(payload, run_fn))
+        finished(execute_run(payload, run_fn, forks=forks if i == 0 else []))
 
 
 # ---------------------------------------------------------------------------------------------------------

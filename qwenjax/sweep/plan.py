@@ -8,7 +8,10 @@ Runs also carry the keys the executors group by:
 - `shape_key`: runs that compile to the same training step (equal shapes; lr and schedule values are
   traced by the trainer), which run one after another in one worker process;
 - `population_key`: runs that differ only in their learning rate, which may train together as one
-  vectorised program (`population: lr`).
+  vectorised program (`population: lr`);
+- `family_key`: runs that differ only in their token budget. With `fork_cooldowns` (WSD schedules), the
+  longest run of a family trains in full and every shorter one forks from its state at the step where the
+  shorter run's decay starts (`fork_step`), training only its cooldown.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -66,9 +70,16 @@ def replace_dotted(cfg, changes: dict):
     return dataclasses.replace(cfg, **top)
 
 
+#: config keys added after sweeps had recorded results, with their defaults: left out of the run id at that value,
+#: so the runs of an earlier results.jsonl keep their ids (and are not trained again)
+LATER_KEYS = {"optim.decay_shape": "linear"}
+
+
 def run_id_of(cfg: RunConfig) -> str:
-    """Stable id: hash of the resolved config minus run_dir."""
-    return _digest(_without(config_to_dict(cfg), ["run_dir"]))
+    """Stable id: hash of the resolved config minus run_dir (and minus LATER_KEYS at their defaults)."""
+    tree = config_to_dict(cfg)
+    defaults = [k for k, v in LATER_KEYS.items() if tree[k.split(".")[0]][k.split(".")[1]] == v]
+    return _digest(_without(tree, ["run_dir", *defaults]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +142,18 @@ class PlannedRun:
         return _digest(_without(config_to_dict(self.cfg), ["run_dir", "optim.lr"]))
 
     @property
+    def family_key(self) -> str:
+        return _digest(_without(config_to_dict(self.cfg), ["run_dir", "train.steps"]))
+
+    @property
+    def fork_step(self) -> int:
+        """Where this run's WSD decay starts: a longer run of its family hands over its state there."""
+        from qwenjax.optim import wsd_decay_start
+
+        o = self.cfg.optim
+        return wsd_decay_start(self.steps, o.decay_fraction, o.warmup_steps)
+
+    @property
     def name(self) -> str:
         from qwenjax.scaling.units import format_count
 
@@ -183,11 +206,24 @@ class Planner:
             self._model_cfgs[i] = cfg
         seq_lens = {c.train.seq_len for c in self._model_cfgs.values()}
         self.seq_len = seq_lens.pop()
+        if spec.fork_cooldowns:
+            self._check_forks(self._model_cfgs[0])
         self._prior = {}
         for key in ("lr", "batch_size"):
             grid = getattr(spec, key)
             if grid.adaptive:
                 self._prior[key] = adaptive.Prior(grid.source, spec.path)
+
+    @staticmethod
+    def _check_forks(cfg: RunConfig) -> None:
+        """What `fork_cooldowns` needs from the runs' config (the same for every model)."""
+        if cfg.optim.schedule != "wsd":
+            raise UserError(f"fork_cooldowns: true needs optim.schedule: wsd (only WSD keeps a stable phase that "
+                            f"every token budget shares), but the runs use {cfg.optim.schedule!r}; set "
+                            "optim.schedule: wsd in the base config or overrides")
+        if not cfg.checkpoint.enabled:
+            raise UserError("fork_cooldowns: true needs checkpoint.enabled: true (a fork resumes from its "
+                            "parent's checkpoint)")
 
     # -- config assembly ------------------------------------------------------------------------------
     def _model_overrides(self, entry: dict) -> dict:
@@ -219,7 +255,9 @@ class Planner:
         changes = {"train.steps": steps, "train.batch_size": int(batch_size), "optim.lr": lr,
                    "seed": int(seed)}
         if self.spec.warmup_fraction is not None:
-            changes["optim.warmup_steps"] = int(round(self.spec.warmup_fraction * steps))
+            # forks share their parent's first steps, so a family warms up as its shortest budget does
+            warm_from = self.steps_for(min(self.spec.tokens), batch_size) if self.spec.fork_cooldowns else steps
+            changes["optim.warmup_steps"] = int(round(self.spec.warmup_fraction * warm_from))
         # dataclasses.replace re-runs each section's validation without OmegaConf's (slow) merge
         cfg = replace_dotted(self._model_cfg(model_index), {**changes, "run_dir": ""})
         rid = run_id_of(cfg)
@@ -294,8 +332,38 @@ def _unique(runs: list[PlannedRun]) -> list[PlannedRun]:
     return out
 
 
-def describe(runs: list[PlannedRun]) -> dict:
-    """Totals for a plan (for the dry run and the summary)."""
-    return {"runs": len(runs), "flops": float(sum(r.flops for r in runs)),
-            "tokens": float(sum(r.tokens_trained for r in runs)),
-            "cells": len({r.cell for r in runs}), "shapes": len({r.shape_key for r in runs})}
+def families(runs: Iterable[PlannedRun]) -> list[list[PlannedRun]]:
+    """The runs grouped by `family_key`, each group longest first (its parent)."""
+    groups: dict[str, list[PlannedRun]] = defaultdict(list)
+    for r in runs:
+        groups[r.family_key].append(r)
+    return [sorted(g, key=lambda r: -r.steps) for g in groups.values()]
+
+
+def fork_plan(runs: Iterable[PlannedRun]) -> dict[str, tuple[PlannedRun, int]]:
+    """run_id -> (parent, fork step) for every run that forks when these runs train together: the shorter
+    runs of each family whose decay starts after step 0 (the trainer's `fork_steps` makes the same choice)."""
+    out = {}
+    for family in families(runs):
+        for r in family[1:]:
+            if r.fork_step > 0:
+                out[r.run_id] = (family[0], r.fork_step)
+    return out
+
+
+def trained_share(run: PlannedRun, forks: dict[str, tuple[PlannedRun, int]]) -> float:
+    """The fraction of its steps a run trains itself: after its fork step if it forks, else all."""
+    return 1.0 - forks[run.run_id][1] / run.steps if run.run_id in forks else 1.0
+
+
+def describe(runs: list[PlannedRun], forks: dict[str, tuple[PlannedRun, int]] | None = None) -> dict:
+    """Totals for a plan (for the dry run and the summary); with `forks`, also what training takes when the
+    forks start from their parents (`tokens_with_forks`, `flops_with_forks`)."""
+    out = {"runs": len(runs), "flops": float(sum(r.flops for r in runs)),
+           "tokens": float(sum(r.tokens_trained for r in runs)),
+           "cells": len({r.cell for r in runs}), "shapes": len({r.shape_key for r in runs})}
+    if forks is not None:
+        out.update(forks=len(forks),
+                   tokens_with_forks=float(sum(r.tokens_trained * trained_share(r, forks) for r in runs)),
+                   flops_with_forks=float(sum(r.flops * trained_share(r, forks) for r in runs)))
+    return out

@@ -13,6 +13,7 @@ population: lr                     # train runs that differ only in lr together 
 resources: {CPU: 1}                # per run, for the Ray executor
 max_extensions: 2                  # grid extensions per cell when the best run sits on an edge
 warmup_fraction: 0.05              # optional: optim.warmup_steps = fraction x steps of each run
+fork_cooldowns: true               # optional (WSD): shorter budgets fork their cooldown from the longest run
 ```
 
 Everything a user can get wrong is caught here or in the planner with one `UserError` line that names the
@@ -34,7 +35,7 @@ import yaml
 from qwenjax.errors import UserError
 
 SPEC_KEYS = ("name", "description", "base", "models", "ladder", "tokens", "lr", "batch_size", "seeds",
-             "overrides", "population", "resources", "max_extensions", "warmup_fraction")
+             "overrides", "population", "resources", "max_extensions", "warmup_fraction", "fork_cooldowns")
 #: run-config keys that the sweep's axes set; an `overrides:` entry for one of them would be silently lost
 AXIS_KEYS = {"optim.lr": "lr", "train.batch_size": "batch_size", "train.steps": "tokens", "seed": "seeds",
              "run_dir": "the sweep (runs/<run_id>)"}
@@ -87,6 +88,7 @@ class SweepSpec:
     resources: dict = dataclasses.field(default_factory=dict)
     max_extensions: int = 2
     warmup_fraction: float | None = None
+    fork_cooldowns: bool = False  # runs that differ only in tokens share one stable phase (WSD)
     description: str = ""
     model_origin: str = "models"  # "models" or "ladder": which key error messages should name
 
@@ -366,12 +368,16 @@ def parse_spec(tree: Mapping, path: Path | None = None) -> SweepSpec:
     if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, (int, float))
                                or not 0 <= warmup < 1):
         raise UserError(f"warmup_fraction must be in [0, 1), got {warmup!r}")
+    forks = tree.get("fork_cooldowns", False)
+    if not isinstance(forks, bool):
+        raise UserError(f"fork_cooldowns must be true or false, got {forks!r}")
     description = tree.get("description") or ""
 
     return SweepSpec(name=name, path=path, base=base, models=tuple(models), tokens=tuple(tokens), lr=lr,
                      batch_size=batch, seeds=tuple(seeds), overrides=overrides, population=population,
                      resources=dict(resources), max_extensions=max_ext,
-                     warmup_fraction=None if warmup is None else float(warmup), description=str(description),
+                     warmup_fraction=None if warmup is None else float(warmup), fork_cooldowns=forks,
+                     description=str(description),
                      model_origin=origin)
 
 
