@@ -232,3 +232,86 @@ def test_bad_fit_file(cli, tmp_path):
     _one_line_error(cli("predict", tmp_path / "results.jsonl", *args), "is not valid JSON")
     (tmp_path / "other.json").write_text('{"a": 1}\n')
     _one_line_error(cli("predict", tmp_path / "other.json", *args), "is not a qwenjax fit")
+
+
+# --- estimators, noise floor, holdout ----------------------------------------------------------------------
+
+
+def test_cli_lists_the_estimators_without_importing_the_fitter(cli):
+    """The parser's names are spelled out in commands/fit.py; they must match the fitter's."""
+    import qwenjax.commands.fit as command
+    from qwenjax.scaling.hparams import DEFAULT_METHOD, ESTIMATORS
+
+    assert command.ESTIMATORS == ESTIMATORS and command.DEFAULT_METHOD == DEFAULT_METHOD
+    with pytest.raises(SystemExit):
+        cli("fit", "--help")
+
+
+def test_fit_help_lists_every_estimator(capsys):
+    with pytest.raises(SystemExit):
+        qwenjax.cli.main(["fit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "{nearopt,smooth,surface,prior}" in out and "--prior JSON" in out and "--holdout SPEC" in out
+
+
+@pytest.mark.parametrize("method", ["nearopt", "surface"])
+def test_fit_holdout_end_to_end(cli, results, tmp_path, monkeypatch, method):
+    monkeypatch.setattr(qwenjax.scaling, "preset_n_params", QWEN25_N.__getitem__)  # no JAX tracing
+    status, out, err = cli(
+        "fit", results, "-o", tmp_path / "FIT.json", "--holdout", "largest", "--method", method,
+        "--bootstrap", "30", "--no-loss-law", "--plots", tmp_path / "plots",
+    )  # fmt: skip
+    assert status == 0, err
+    fit = load_fit(tmp_path / "FIT.json")
+    assert fit["method"]["estimator"] == method and fit["holdout"]["estimator"] == method
+    held = fit["holdout"]
+    assert held["spec"] == "largest" and held["cells_held_out"] == 5 and held["cells_fitted"] == 4
+    assert held["mean"] < 0.005 and len(held["per_cell"]) == 5
+    assert {"regret", "lr_ratio", "batch_ratio", "lr_covered", "batch_covered", "noise"} <= set(held["per_cell"][0])
+    assert fit["noise"]["relative"] is None and "not measured" in fit["noise"]["note"]
+    assert "leave-one-cell-out regret: mean" in out and "(noise floor not measured)" in out
+    assert "holdout largest: fitted 4 cells, predicted 5 held-out cells: regret mean" in out
+    assert "noise floor: not measured" in out and out.count("x the best") == 10
+    assert (tmp_path / "plots" / "holdout.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fit_with_seeds_prints_the_noise_floor(cli, tmp_path):
+    rows = synthetic_results(
+        n_values=(1e6, 2e6, 4e6), d_values=(2.5e7, 5e7, 1e8), lr_span=2, batch_span=1, seeds=3, noise=0.003
+    )
+    path = write_results(tmp_path / "seeds.jsonl", rows)
+    status, out, err = cli("fit", path, "-o", tmp_path / "FIT.json", "--bootstrap", "20", "--no-loss-law")
+    assert status == 0, err
+    fit = load_fit(tmp_path / "FIT.json")
+    assert fit["noise"]["cells_measured"] == 9 and fit["noise"]["seeds"] == 3
+    assert f"noise floor: {fit['noise']['relative']:.2%} of the loss" in out
+    assert f"(noise floor {fit['noise']['relative']:.2%})" in out
+
+
+def test_fit_prior_option(cli, results, tmp_path):
+    prior = tmp_path / "prior.json"
+    prior.write_text('{"alpha": -0.6, "sd": {"alpha": 0.05}}')
+    status, _, err = cli(
+        "fit", results, "-o", tmp_path / "FIT.json", "--method", "prior", "--prior", prior, "--bootstrap", "10",
+    )  # fmt: skip
+    assert status == 0, err
+    fit = load_fit(tmp_path / "FIT.json")
+    assert fit["method"]["prior"]["mean"]["alpha"] == -0.6 and fit["method"]["prior"]["sd"]["alpha"] == 0.05
+    assert fit["laws"]["lr"]["coef"]["alpha"]["value"] == pytest.approx(-0.6, abs=0.15)
+
+
+def test_bad_holdout_and_prior_inputs(cli, results, tmp_path):
+    """A holdout leaving fewer than two N or D values, a malformed one, a prior with a wrong key: one line, exit 2."""
+    fit = ("fit", results, "-o", tmp_path / "FIT.json", "--bootstrap", "5")
+    _one_line_error(cli(*fit, "--holdout", "N>=2M"), "--holdout 'N>=2M' leaves N: 1 value (1M) and D: 3 values")
+    _one_line_error(cli(*fit, "--holdout", "D>=50M"), "--holdout 'D>=50M' leaves N: 3 values (1M, 2M, 4M) and D: 1")
+    _one_line_error(cli(*fit, "--holdout", "N>2M"), "--holdout must be 'largest', 'N>=X' or 'D>=Y'")
+    _one_line_error(cli(*fit, "--holdout", "N>=1T"), "--holdout 'N>=1T' holds out no cells")
+    _one_line_error(
+        cli(*fit, "--method", "prior", "--prior", '{"alpah": -0.7}'),
+        "--prior: unknown key 'alpah' (allowed: alpha, beta, gamma, delta, sd)",
+    )
+    _one_line_error(cli(*fit, "--method", "prior", "--prior", '{"sd": {"eta": 1}}'), "unknown key 'sd.eta'")
+    _one_line_error(cli(*fit, "--prior", '{"alpha": -0.7}', "--method", "nearopt"), "--prior applies to --method prior")
+    _one_line_error(cli(*fit, "--method", "ridge"), "invalid choice: 'ridge'")
+    assert not (tmp_path / "FIT.json").exists()

@@ -6,6 +6,11 @@ import sys
 
 from qwenjax.errors import UserError
 
+#: qwenjax.scaling.hparams.ESTIMATORS and DEFAULT_METHOD, spelled out so that building the parser does not
+#: import the fitter (pandas, scipy); tests/test_scaling_cli.py keeps them in step.
+ESTIMATORS = ("nearopt", "smooth", "surface", "prior")
+DEFAULT_METHOD = "prior"
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -24,9 +29,24 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--method",
-        choices=("nearopt", "smooth"),
-        default="nearopt",
-        help="cell optimum: near-optimal runs (default) or vertex of a quadratic in log lr, log B",
+        choices=ESTIMATORS,
+        default=DEFAULT_METHOD,
+        help=f"estimator of the laws (default {DEFAULT_METHOD}, the lowest held-out regret measured): "
+        "nearopt = centroid of each cell's runs within --tolerance of its best; smooth = vertex of a "
+        "quadratic in log lr, log B per cell; surface = one joint fit of all runs to a bowl whose centre "
+        "follows the laws; prior = nearopt with the exponents shrunk toward --prior",
+    )
+    p.add_argument(
+        "--prior",
+        metavar="JSON",
+        help="for --method prior: exponent means and sds as JSON or a JSON file, keys alpha, beta, gamma, "
+        'delta, sd (e.g. \'{"beta": 0.3, "sd": {"beta": 0.1}}\'); default Step Law\'s, sd 0.2',
+    )
+    p.add_argument(
+        "--holdout",
+        metavar="SPEC",
+        help="also fit without some cells and report how the prediction does on them: 'largest' (every "
+        "cell at the largest N or D), 'N>=X' or 'D>=Y' (counts like 2e5, 500k, 1M)",
     )
     p.add_argument(
         "--batch-law",
@@ -65,8 +85,32 @@ def _preset_sizes() -> dict[str, float] | None:
         return None
 
 
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{value:.2%}"
+
+
+def _print_holdout(held: dict, noise: str) -> None:
+    from qwenjax.scaling.units import format_count
+
+    print(
+        f"holdout {held['spec']}: fitted {held['cells_fitted']} cells, predicted {held['cells_held_out']} "
+        f"held-out cells: regret mean {_percent(held['mean'])}, max {_percent(held['max'])} ({noise}); "
+        f"interval covered the best lr in {held['lr_covered']}/{held['cells_held_out']}, "
+        f"the best batch in {held['batch_covered']}/{held['cells_held_out']}"
+    )
+    mark = {True: "covered", False: "missed", None: "no interval"}
+    for row in held["per_cell"]:
+        cell_noise = "" if row["noise"] is None else f" (noise {row['noise']:.2%})"
+        print(
+            f"  N={format_count(row['n_params'])} D={format_count(row['tokens'])}: regret {row['regret']:.2%}"
+            f"{cell_noise}, lr {row['lr_ratio']:.2f}x the best ({mark[row['lr_covered']]}), "
+            f"batch {row['batch_ratio']:.2f}x the best ({mark[row['batch_covered']]})"
+        )
+
+
 def run(args) -> int:
     from qwenjax.scaling import format_law, load_results, make_fit, make_plots, save_fit
+    from qwenjax.scaling.noise import format_noise
     from qwenjax.scaling.results import skipped_message
 
     df = load_results(args.results, loss_column=args.loss_column, strict=args.strict)
@@ -80,15 +124,28 @@ def run(args) -> int:
         loss_law=not args.no_loss_law,
         bootstrap=args.bootstrap,
         seed=args.seed,
+        prior=args.prior,
+        holdout=args.holdout,
     )
     for note in fit["notes"]:
         _warn(note)
     path = save_fit(fit, args.output)
-    data, regret = fit["data"], fit["regret"]
+    data, regret, noise = fit["data"], fit["regret"], fit["noise"]
     print(
         f"fitted {data['runs_valid']} of {data['runs']} runs in {data['cells']} (N, D) cells "
-        f"(loss: {data['loss_column']}, optimum: {args.method})"
+        f"(loss: {data['loss_column']}, estimator: {args.method})"
     )
+    weights = fit["method"]["weights"]
+    if noise["relative"] is not None:
+        print(
+            f"noise floor: {noise['relative']:.2%} of the loss (seed std at the optimum of "
+            f"{noise['cells_measured']} of {noise['cells_total']} cells, {noise['seeds']}+ seeds each)"
+        )
+    else:
+        print(
+            f"noise floor: not measured (no configuration was run with two or more seeds); cell weights "
+            f"assume {weights['noise']:.2%} per run, {weights['noise_source']}"
+        )
     for law in fit["laws"].values():
         print(format_law(law))
     if fit["loss_law"]:
@@ -96,8 +153,10 @@ def run(args) -> int:
     if regret["mean"] is not None:
         print(
             f"leave-one-cell-out regret: mean {regret['mean']:.3%}, median {regret['median']:.3%}, "
-            f"max {regret['max']:.3%} over {regret['cells_evaluated']} cells"
+            f"max {regret['max']:.3%} over {regret['cells_evaluated']} cells ({format_noise(noise)})"
         )
+    if fit["holdout"]:
+        _print_holdout(fit["holdout"], format_noise(noise))
     print(f"wrote {path}")
     if args.plots:
         for plot in make_plots(df, fit, args.plots, sizes=_preset_sizes()):

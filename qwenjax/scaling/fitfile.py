@@ -17,7 +17,8 @@ import pandas as pd
 
 from qwenjax.errors import UserError
 from qwenjax.scaling.bootstrap import CI_LEVEL
-from qwenjax.scaling.hparams import fit_hparam_laws
+from qwenjax.scaling.holdout import holdout_validation
+from qwenjax.scaling.hparams import DEFAULT_METHOD, fit_hparam_laws
 from qwenjax.scaling.loss_law import fit_loss_law
 
 FORMAT = "qwenjax-fit/1"
@@ -54,22 +55,26 @@ def data_summary(df: pd.DataFrame) -> dict:
 def make_fit(
     df: pd.DataFrame,
     tolerance: float = 0.0025,
-    method: str = "nearopt",
+    method: str = DEFAULT_METHOD,
     batch_law: str = "ND",
     loss_law: bool = True,
     bootstrap: int = 1000,
     seed: int = 0,
+    prior: str | dict | None = None,
+    holdout: str | None = None,
 ) -> dict:
     """Fit everything on a results table and return the FIT.json dict.
 
+    `prior` configures the "prior" estimator (docs/scaling.md); `holdout` (e.g. "largest", "N>=1M") also
+    fits without those cells and reports how the prediction does on them (`holdout` in FIT.json).
     A loss law that cannot be fitted (too few cells) is left out with a note rather than failing the
     hyperparameter laws, which are what training needs.
     """
     if bootstrap < 0:
         raise UserError(f"--bootstrap must be >= 0, got {bootstrap}")
-    hp = fit_hparam_laws(
-        df, tolerance=tolerance, method=method, batch_law=batch_law, bootstrap=bootstrap, seed=seed
-    )
+    options = dict(tolerance=tolerance, method=method, batch_law=batch_law, bootstrap=bootstrap, seed=seed, prior=prior)
+    hp = fit_hparam_laws(df, **options)
+    held = holdout_validation(df, holdout, **options) if holdout is not None else None
     notes = []
     law = None
     if loss_law:
@@ -87,6 +92,8 @@ def make_fit(
         "loss_law": law,
         "regret": hp["regret"],
         "cell_optima": hp["cell_optima"],
+        "noise": hp["noise"],
+        "holdout": held,
         "notes": notes,
     }
 

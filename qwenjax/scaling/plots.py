@@ -14,6 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
+from qwenjax.scaling.cells import config_table
 from qwenjax.scaling.hparams import evaluate_law
 from qwenjax.scaling.loss_law import evaluate_loss_law, loss_points
 from qwenjax.scaling.predict import QWEN25_TOKENS, predict
@@ -56,7 +57,7 @@ def _sweep_panels(df: pd.DataFrame, fit: dict, x: str, series: str, path, title:
             if runs.empty:
                 ax.set_visible(False)
                 continue
-            ok = runs[runs["valid"]]
+            ok = config_table(runs)  # seed means
             values = np.sort(runs[series].unique())
             for color, value in zip(_colors(len(values)), values, strict=True):
                 line = ok[ok[series] == value].sort_values(x)
@@ -193,6 +194,50 @@ def plot_predictions(fit: dict, sizes: dict[str, float], tokens: float, path=Non
     return _save(fig, path)
 
 
+def plot_holdout(fit: dict, path=None) -> Figure:
+    """Held-out cells: predicted lr and batch over the cell's best (95% interval), and the regret against
+    the noise floor, so a miss can be told from luck."""
+    held = fit["holdout"]
+    rows = held["per_cell"]
+    labels = [f"N={format_count(r['n_params'])}\nD={format_count(r['tokens'])}" for r in rows]
+    x = np.arange(len(rows))
+    fig, axes = _figure(1, 3, size=(max(3.2, 0.9 * len(rows) + 1.5), 3.4))
+    for ax, key, ci_key, opt_key, label in (
+        (axes[0, 0], "lr_ratio", "lr_ci", "optimum_lr", "lr"),
+        (axes[0, 1], "batch_ratio", "batch_tokens_ci", "optimum_batch_tokens", "batch"),
+    ):
+        ratio = np.array([r[key] for r in rows])
+        ci = np.array([[np.nan if v is None else v for v in r[ci_key]] for r in rows], float)
+        ci = ci / np.array([r[opt_key] for r in rows])[:, None]
+        covered = [r[key.replace("ratio", "covered")] for r in rows]
+        colors = ["tab:green" if c else "tab:red" if c is False else "0.4" for c in covered]
+        err = np.clip([ratio - ci[:, 0], ci[:, 1] - ratio], 0, None)
+        for xi, yi, e0, e1, color in zip(x, ratio, *err, colors, strict=True):
+            ax.errorbar(xi, yi, yerr=[[e0], [e1]], fmt="o", color=color, ms=5, capsize=3)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.set_ylabel(f"predicted {label} / best {label}")
+        ax.set_title(f"{label}: green = interval covers the best", fontsize=8)
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2, 5)))
+        for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            set_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax = axes[0, 2]
+    ax.bar(x, [100 * r["regret"] for r in rows], color="tab:blue", width=0.6)
+    noise = held.get("noise_floor")
+    if noise is not None:
+        ax.axhline(100 * noise, color="tab:orange", ls="--", lw=1, label=f"noise floor {noise:.2%}")
+        ax.legend(fontsize=7)
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylabel("regret (%)")
+    mean = "n/a" if held["mean"] is None else f"{held['mean']:.2%}"
+    ax.set_title(f"regret, mean {mean}", fontsize=8)
+    fig.suptitle(
+        f"holdout {held['spec']}: fitted on {held['cells_fitted']} cells, {held['estimator']} estimator", fontsize=9
+    )
+    return _save(fig, path)
+
+
 def make_plots(
     df: pd.DataFrame, fit: dict, outdir, sizes: dict[str, float] | None = None, tokens: float | None = None
 ) -> list[Path]:
@@ -205,6 +250,8 @@ def make_plots(
     ]
     if fit.get("loss_law"):
         jobs.append(("loss_law.png", lambda p: plot_loss_law(df, fit, p)))
+    if fit.get("holdout"):
+        jobs.append(("holdout.png", lambda p: plot_holdout(fit, p)))
     if sizes:
         jobs.append(("predictions.png", lambda p: plot_predictions(fit, sizes, tokens or QWEN25_TOKENS, p)))
     paths = []
