@@ -251,3 +251,27 @@ def test_loss_law_batched_refits_match_bfgs(noisy):
     for row, i in zip(batched, idx, strict=True):
         ref = _minimise(theta, tuple(d[i] for d in data))[0]
         assert np.allclose(row, ref, atol=1e-4), (row, ref)
+
+
+# --- the comparison and the benchmark ----------------------------------------------------------------------
+
+
+def test_compare_prints_a_markdown_table(noisy, tmp_path, capsys):
+    from qwenjax.scaling import compare
+
+    path = tmp_path / "real.jsonl"
+    noisy.drop(columns=["valid", "loss", "source"]).to_json(path, orient="records", lines=True)
+    assert compare.main([str(path), "--synthetic", "--draws", "1", "--methods", "nearopt,prior"]) == 0
+    out = capsys.readouterr().out
+    assert "| data | check | nearopt | prior |" in out
+    assert "| real.jsonl: 16 cells, noise floor not measured | leave-one-cell-out |" in out
+    assert out.count("holdout largest, noise-free") == 2 and "lowest: " in out
+    assert compare.main(["--methods", "ridge", "--synthetic"]) == 2
+
+
+def test_bench_results_are_2000_runs_in_20_cells(tmp_path):
+    from qwenjax.scaling.bench_fit import bench_results
+
+    assert bench_results(tmp_path / "r.jsonl") == 2100
+    df = load_results(tmp_path / "r.jsonl")
+    assert len(df[["n_params", "tokens"]].drop_duplicates()) == 20 and df["seed"].nunique() == 3
