@@ -118,7 +118,7 @@ def test_local_workers_retry_failures_and_extend_edges(tmp_path, env):
         "name": "fake", "base": str(ROOT / "configs" / "tiny.yaml"),
         "models": [{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                     "num_attention_heads": 2, "num_key_value_heads": 1}],
-        "tokens": [16384], "lr": [1e-3, 2e-3], "batch_size": [4, 8], "max_extensions": 2,
+        "tokens": [16384], "lr": [1e-3, 2e-3], "batch_size": [4, 8], "max_extensions": 2, "noise_seeds": [1, 2],
         "overrides": {"train.seq_len": 64}}))
     out = tmp_path / "out"
     summary = run_sweep(spec, out, SweepOptions(workers=2, max_retries=1, run_fn="test_sweep_run:fake_train",
@@ -133,6 +133,10 @@ def test_local_workers_retry_failures_and_extend_edges(tmp_path, env):
     assert (0.004, 8) in ext and (0.002, 16) in ext
     assert by_point[(0.004, 8)]["final_loss"] < by_point[(0.002, 8)]["final_loss"]
     assert summary["extension_runs"] == len(ext) and summary["cells_extended"]
+    # once settled, the cell's optimum is rerun with each noise seed (and only then)
+    noise = sorted((r["lr"], r["batch_size"], r["seed"]) for r in rows if r["grid"] == "noise")
+    assert noise == [(0.004, 8, 1), (0.004, 8, 2)]
+    assert summary["noise"]["relative"] == 0.0  # fake_train's loss does not depend on the seed
     # rerun: only the failed run is tried again (and fails again); nothing else is trained or appended
     again = run_sweep(spec, out, SweepOptions(workers=2, max_retries=0, run_fn="test_sweep_run:fake_train",
                                               live=False))

@@ -84,21 +84,23 @@ class _Driver:
                 self.pending.append(r.run_id)
 
     def advance_cell(self, cell, progress) -> None:
-        """When every run of a cell has a final row: extend its grid, or close it."""
+        """When every run of a cell has a final row: extend its grid, or settle it (then rerun its optimum
+        with the spec's `noise_seeds`, once)."""
         while cell not in self.cell_closed:
             ids = self.cell_runs[cell]
             if any(rid not in self.rows for rid in ids):
                 return
-            if self.cell_rounds[cell] >= self.spec.max_extensions:
-                self.cell_closed.add(cell)
-                return
-            new = [r for r in self.planner.extension_runs(cell, [self.rows[i] for i in ids])
-                   if r.run_id not in self.runs]
-            if not new:
-                self.cell_closed.add(cell)
-                return
-            self.cell_rounds[cell] += 1
-            self.add_runs(new, progress)
+            rows = [self.rows[i] for i in ids]
+            new = []
+            if self.cell_rounds[cell] < self.spec.max_extensions:
+                new = [r for r in self.planner.extension_runs(cell, rows) if r.run_id not in self.runs]
+            if new:
+                self.cell_rounds[cell] += 1
+                self.add_runs(new, progress)
+                continue
+            self.cell_closed.add(cell)
+            grid_rows = [r for r in rows if r.get("grid") != "noise"]
+            self.add_runs(self.planner.noise_runs(cell, grid_rows), progress)
 
     # -- units ----------------------------------------------------------------------------------------
     def make_units(self) -> list[dict]:
@@ -229,6 +231,17 @@ def fork_savings(rows) -> dict:
             "saving": round(1.0 - trained / without, 4) if without else 0.0}
 
 
+def _noise(results_path: Path) -> dict | None:
+    """The seed noise at the cells' optima (`qwenjax.scaling.noise_floor`), as `qwenjax fit` reports it."""
+    from qwenjax.scaling.noise import noise_floor  # pandas: only once a sweep has results to summarise
+    from qwenjax.scaling.results import load_results
+
+    try:
+        return noise_floor(load_results(results_path))
+    except UserError:  # no results yet
+        return None
+
+
 def summarize(driver: _Driver, wall_s: float, executor_desc: str) -> dict:
     """The sweep summary: counts, compile vs step time, population decisions, best run per cell."""
     all_rows = list(driver.rows.values())
@@ -268,6 +281,7 @@ def summarize(driver: _Driver, wall_s: float, executor_desc: str) -> dict:
         "forks": fork_savings(all_rows),
         "population_decisions": decisions,
         "best_per_cell": sorted(best.values(), key=lambda b: (b["n_params"], b["tokens"])),
+        "noise": _noise(driver.store.path),
         "cells_extended": {f"{driver.planner.models[c[0]].n_params}/{c[1]:g}": n
                            for c, n in driver.cell_rounds.items() if n},
     }

@@ -100,6 +100,20 @@ def _key(x: float) -> float:
     return float(f"{x:.6g}")
 
 
+def point_losses(rows: list[dict]) -> dict[tuple[float, int], float]:
+    """(lr, batch_size) -> mean loss over the point's seeds (inf if any of them failed or diverged)."""
+    by_point: dict[tuple[float, int], list[float]] = defaultdict(list)
+    for r in rows:
+        by_point[(_key(r["lr"]), int(r["batch_size"]))].append(_loss(r))
+    return {p: (sum(v) / len(v) if all(math.isfinite(x) for x in v) else math.inf) for p, v in by_point.items()}
+
+
+def best_point(rows: list[dict]) -> tuple[float, int] | None:
+    """The (lr, batch_size) with the lowest mean loss over its seeds; None if no run of the cell succeeded."""
+    finite = {p: v for p, v in point_losses(rows).items() if math.isfinite(v)}
+    return min(finite, key=finite.get) if finite else None
+
+
 def extension_points(rows: list[dict], lr_factor: float | None, batch_factor: float | None = 2.0,
                      per_side: int = 2) -> list[tuple[float, int]]:
     """New (lr, batch_size) points for a cell whose best run sits on an edge of the grid it has so far.
@@ -112,14 +126,10 @@ def extension_points(rows: list[dict], lr_factor: float | None, batch_factor: fl
     - no run of the cell succeeded (every lr diverged) -> `per_side` lrs below the smallest, at every batch.
     Points already tried are not proposed again; an empty list means the optimum is bracketed.
     """
-    by_point: dict[tuple[float, int], list[float]] = defaultdict(list)
-    for r in rows:
-        by_point[(_key(r["lr"]), int(r["batch_size"]))].append(_loss(r))
-    if not by_point:
+    mean = point_losses(rows)
+    if not mean:
         return []
-    mean = {p: (sum(v) / len(v) if all(math.isfinite(x) for x in v) else math.inf)
-            for p, v in by_point.items()}
-    tried = set(by_point)
+    tried = set(mean)
     new: list[tuple[float, int]] = []
 
     def propose(lr: float, batch: int) -> None:

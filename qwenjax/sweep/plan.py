@@ -107,7 +107,7 @@ class PlannedRun:
     lr: float
     batch_size: int
     seed: int
-    grid: str  # "initial" | "extension"
+    grid: str  # "initial" | "extension" | "noise" (a settled cell's optimum rerun with a noise seed)
 
     @property
     def seq_len(self) -> int:
@@ -321,6 +321,16 @@ class Planner:
             for seed in self.spec.seeds:
                 runs.append(self.run(model_index, tokens, lr, b, seed, grid="extension"))
         return _unique(runs)
+
+
+    def noise_runs(self, cell: tuple[int, float], rows: list[dict]) -> list[PlannedRun]:
+        """The cell's best point (mean loss over its seeds) again with each of `noise_seeds`: the seed-to-seed
+        spread at the optimum is the noise floor that every regret is judged against."""
+        point = adaptive.best_point(rows)
+        if point is None or not self.spec.noise_seeds:
+            return []
+        lr, b = point
+        return _unique([self.run(cell[0], cell[1], lr, b, seed, grid="noise") for seed in self.spec.noise_seeds])
 
 
 def _unique(runs: list[PlannedRun]) -> list[PlannedRun]:

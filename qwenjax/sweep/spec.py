@@ -35,7 +35,8 @@ import yaml
 from qwenjax.errors import UserError
 
 SPEC_KEYS = ("name", "description", "base", "models", "ladder", "tokens", "lr", "batch_size", "seeds",
-             "overrides", "population", "resources", "max_extensions", "warmup_fraction", "fork_cooldowns")
+             "overrides", "population", "resources", "max_extensions", "warmup_fraction", "fork_cooldowns",
+             "noise_seeds")
 #: run-config keys that the sweep's axes set; an `overrides:` entry for one of them would be silently lost
 AXIS_KEYS = {"optim.lr": "lr", "train.batch_size": "batch_size", "train.steps": "tokens", "seed": "seeds",
              "run_dir": "the sweep (runs/<run_id>)"}
@@ -89,6 +90,7 @@ class SweepSpec:
     max_extensions: int = 2
     warmup_fraction: float | None = None
     fork_cooldowns: bool = False  # runs that differ only in tokens share one stable phase (WSD)
+    noise_seeds: tuple[int, ...] = ()  # extra seeds rerun at each cell's optimum once its grid is settled
     description: str = ""
     model_origin: str = "models"  # "models" or "ladder": which key error messages should name
 
@@ -328,15 +330,12 @@ def parse_spec(tree: Mapping, path: Path | None = None) -> SweepSpec:
     lr = _grid(tree["lr"], "lr", integer=False)
     batch = _grid(tree["batch_size"], "batch_size", integer=True)
 
-    seeds = tree.get("seeds", [0])
-    seeds = [seeds] if not isinstance(seeds, list) else seeds
+    seeds = _seed_list(tree.get("seeds", [0]), "seeds")
     if not seeds:
         raise UserError("seeds: empty grid (leave it out for the single seed 0)")
-    for i, s in enumerate(seeds):
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise UserError(f"seeds[{i}] must be an integer >= 0, got {s!r}")
-    if len(set(seeds)) != len(seeds):
-        raise UserError("seeds: values repeat")
+    noise_seeds = _seed_list(tree.get("noise_seeds", []), "noise_seeds")
+    if overlap := sorted(set(seeds) & set(noise_seeds)):
+        raise UserError(f"noise_seeds: {overlap} already in seeds; give seeds the grid does not use")
 
     overrides = tree.get("overrides") or {}
     if not isinstance(overrides, Mapping):
@@ -377,8 +376,19 @@ def parse_spec(tree: Mapping, path: Path | None = None) -> SweepSpec:
                      batch_size=batch, seeds=tuple(seeds), overrides=overrides, population=population,
                      resources=dict(resources), max_extensions=max_ext,
                      warmup_fraction=None if warmup is None else float(warmup), fork_cooldowns=forks,
-                     description=str(description),
+                     noise_seeds=tuple(noise_seeds), description=str(description),
                      model_origin=origin)
+
+
+def _seed_list(value, key: str) -> list[int]:
+    """A list of distinct integer seeds >= 0 (a single integer is a list of one)."""
+    seeds = [value] if not isinstance(value, list) else value
+    for i, s in enumerate(seeds):
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise UserError(f"{key}[{i}] must be an integer >= 0, got {s!r}")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"{key}: values repeat")
+    return seeds
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict:
