@@ -23,27 +23,43 @@ from qwenjax.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of the demo. `full` fits a 2-core CPU in about 15 minutes; `mini` is the test's miniature."""
+    """Sizes of the demo. `full` fits a 2-core CPU in about 15 minutes; `mini` is the test's miniature.
 
-    sizes: tuple[float, ...]  # target non-embedding parameters of the swept models
+    The swept models and the predicted one are Qwen2.5-shaped with `layers` layers and widths `widths` /
+    `main_width` (the CPU ladder's regime, docs/sweeps.md); the main model is at least 3x the largest swept N
+    and trains on `main_tokens_scale` x the largest swept D.
+    """
+
+    widths: tuple[int, ...]  # hidden sizes of the swept models (the N axis)
     tokens: tuple[float, ...]  # training tokens per run (D axis)
     lr: tuple[float, ...]
     batch_size: tuple[int, ...]
     seq_len: int
-    main_scale: float  # the predicted model is this much larger in N and in D than the largest swept
+    main_width: int  # hidden size of the predicted model
+    main_tokens_scale: float  # its D over the largest swept D
+    layers: int
     vocab_size: int
     head_dim: int
     max_bytes: int | None  # corpus bytes read (None: all)
-    eval_batches: int
+    eval_sequences: int
+    noise_seeds: tuple[int, ...]  # seeds rerun at each swept cell's optimum: the noise floor
+    max_extensions: int
 
 
 PLANS = {
-    "full": DemoPlan(sizes=(2.0e4, 5.0e4, 1.2e5), tokens=(1.25e5, 2.5e5), lr=(2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
-                     batch_size=(8, 16), seq_len=128, main_scale=3.0, vocab_size=2048, head_dim=16,
-                     max_bytes=None, eval_batches=16),
-    "mini": DemoPlan(sizes=(2.0e4, 6.0e4), tokens=(8.0e3, 1.6e4), lr=(1.6e-2, 6.4e-2, 0.25), batch_size=(4, 8),
-                     seq_len=32, main_scale=2.0, vocab_size=400, head_dim=8, max_bytes=300_000, eval_batches=2),
+    "full": DemoPlan(widths=(32, 48, 64), tokens=(2.5e5, 5.0e5), lr=(2.76e-3, 3.91e-3, 5.52e-3, 7.81e-3, 1.1e-2),
+                     batch_size=(4, 8, 16), seq_len=128, main_width=128, main_tokens_scale=3.0, layers=1,
+                     vocab_size=1024, head_dim=16, max_bytes=20_000_000, eval_sequences=512, noise_seeds=(1, 2),
+                     max_extensions=1),
+    "mini": DemoPlan(widths=(16, 24, 32), tokens=(8.0e3, 1.6e4), lr=(1.6e-2, 6.4e-2, 0.25), batch_size=(4, 8),
+                     seq_len=32, main_width=64, main_tokens_scale=3.0, layers=1, vocab_size=400, head_dim=8,
+                     max_bytes=300_000, eval_sequences=16, noise_seeds=(1,), max_extensions=0),
 }
+#: the check grid around the prediction: lr and batch times each of these factors
+CHECK_FACTORS = (0.5, 1.0, 2.0)
+#: the predicted point passes when the mean of its seeds is within this of the best grid point
+CHECK_TOLERANCE = 0.005
+CHECK_SEEDS = (0, 1)
 
 
 def _say(stage: int, text: str) -> None:
@@ -51,17 +67,19 @@ def _say(stage: int, text: str) -> None:
 
 
 def _base_config(out: Path, data: str | None, plan: DemoPlan) -> dict[str, Any]:
-    """The run config every demo run starts from (the sweep sets model, steps, batch and lr)."""
+    """The run config every demo run starts from (the sweep sets model, steps, batch and lr): the CPU ladder's
+    regime -- WSD with a cooldown to zero, a fixed held-out set whatever the batch size."""
     return {
         "model": {"max_position_embeddings": max(256, plan.seq_len), "rope_theta": 10000.0,
                   "tie_word_embeddings": True, "dtype": "float32"},
-        "train": {"seq_len": plan.seq_len, "log_every": 10, "divergence_factor": 2.0},
-        "optim": {"schedule": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.1, "weight_decay": 0.1},
+        "train": {"seq_len": plan.seq_len, "log_every": 50, "divergence_factor": 2.0},
+        "optim": {"schedule": "wsd", "decay_fraction": 0.2, "warmup_steps": 0, "min_lr_ratio": 0.0,
+                  "weight_decay": 0.1},
         "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
         "checkpoint": {"every_steps": 0, "keep": 1},
         "data": {"path": str(Path(data).resolve()) if data else None, "vocab_size": plan.vocab_size,
-                 "cache_dir": str(out / "cache"), "heldout_fraction": 0.02, "max_bytes": plan.max_bytes},
-        "eval": {"every_steps": 0, "batches": plan.eval_batches},
+                 "cache_dir": str(out / "cache"), "heldout_fraction": 0.05, "max_bytes": plan.max_bytes},
+        "eval": {"every_steps": 0, "sequences": plan.eval_sequences},
     }
 
 
@@ -90,7 +108,7 @@ def _corpus_and_tokenizer(out: Path, data: str | None, plan: DemoPlan) -> dict[s
             "heldout_tokens": int(len(cache.heldout_tokens)), "unigram_entropy": cache.unigram_entropy("heldout")}
     _say(2, f"tokenizer: {setup.vocab_size} tokens; token cache: {info['train_tokens']:,} train / "
             f"{info['heldout_tokens']:,} held-out tokens ({time.perf_counter() - t0:.1f} s)")
-    if info["heldout_tokens"] < plan.eval_batches * plan.batch_size[0] * (plan.seq_len + 1):
+    if info["heldout_tokens"] < plan.eval_sequences * (plan.seq_len + 1):
         raise UserError(f"the corpus is too small for the demo: {info['heldout_tokens']} held-out tokens "
                         f"(give --data a larger corpus)")
     return info
@@ -105,15 +123,32 @@ def _sweep(out: Path, spec: dict, name: str, workers: int) -> tuple[Path, dict]:
     return out / name / "results.jsonl", summary
 
 
-def _main_model(plan: DemoPlan) -> dict:
-    from qwenjax.sweep.spec import ladder_shape
+def model_shape(width: int, plan: DemoPlan) -> dict:
+    """The Qwen2.5-shaped model of one width: `plan.layers` layers, heads of `plan.head_dim`, Qwen2.5's key/value
+    head count and MLP ratio."""
+    from qwenjax.sweep.spec import intermediate_for, kv_heads_for
 
-    return ladder_shape(max(plan.sizes) * plan.main_scale, plan.head_dim)
+    heads = width // plan.head_dim
+    kv = kv_heads_for(heads)
+    if width % plan.head_dim or kv is None:
+        raise UserError(f"width {width} does not split into Qwen2.5-style heads of {plan.head_dim}")
+    return {"hidden_size": width, "intermediate_size": intermediate_for(width), "num_hidden_layers": plan.layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv}
+
+
+def check_grid(prediction: dict, seq_len: int) -> tuple[list[float], list[int]]:
+    """The learning rates and batch sizes (sequences) of the check: the prediction times 0.5, 1 and 2."""
+    lrs = [float(f"{prediction['lr'] * f:.6g}") for f in CHECK_FACTORS]
+    batch = int(prediction["batch_size"])
+    batches = sorted({max(1, round(batch * f)) for f in CHECK_FACTORS})
+    return lrs, batches
 
 
 def run_demo(out: str | Path = "runs/demo", data: str | None = None, *, plan: str | DemoPlan = "full",
              workers: int = 1) -> dict[str, Any]:
     """Run (or resume) the whole demo into `out`; returns what the report shows."""
+    from qwenjax.config import ModelConfig
+    from qwenjax.model import count_params
     from qwenjax.scaling import load_fit, load_results, make_fit, make_plots, predict, save_fit
 
     plan = PLANS[plan] if isinstance(plan, str) else plan
@@ -121,16 +156,20 @@ def run_demo(out: str | Path = "runs/demo", data: str | None = None, *, plan: st
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     corpus = _corpus_and_tokenizer(out, data, plan)
+    n_of = lambda width: count_params(ModelConfig(vocab_size=corpus["vocab_size"], tie_word_embeddings=True,
+                                                  **model_shape(width, plan)))[1]
 
-    # 3. The sweep: lr x batch at every (N, D); learning rates that differ only in lr train as populations.
+    # 3. The sweep: lr x batch at every (N, D); shorter budgets fork their cooldown from the longest run;
+    #    each cell's optimum is rerun with more seeds for the noise floor.
     sweep_spec = {
         "name": "demo-sweep", "base": str(out / "base.yaml"),
-        "ladder": {"sizes": list(plan.sizes), "head_dim": plan.head_dim},
+        "models": [model_shape(w, plan) for w in plan.widths],
         "tokens": list(plan.tokens), "lr": list(plan.lr), "batch_size": list(plan.batch_size),
-        "population": "lr", "max_extensions": 0,
+        "max_extensions": plan.max_extensions, "warmup_fraction": 0.25, "fork_cooldowns": True,
+        "noise_seeds": list(plan.noise_seeds),
     }
-    _say(3, f"sweep: {len(plan.sizes)} model sizes x {len(plan.tokens)} token budgets x {len(plan.lr)} "
-            f"learning rates x {len(plan.batch_size)} batch sizes")
+    _say(3, f"sweep: {len(plan.widths)} model sizes x {len(plan.tokens)} token budgets x {len(plan.lr)} "
+            f"learning rates x {len(plan.batch_size)} batch sizes, + {len(plan.noise_seeds)} seeds at each optimum")
     results_path, sweep_summary = _sweep(out, sweep_spec, "sweep", workers)
 
     # 4. Fit the laws.
@@ -139,53 +178,69 @@ def run_demo(out: str | Path = "runs/demo", data: str | None = None, *, plan: st
     fit = make_fit(df, bootstrap=200, seed=0)
     save_fit(fit, fit_path)
     plots = [str(p) for p in make_plots(df, fit, out / "plots")]
+    regret, noise = fit["regret"], (fit.get("noise") or {}).get("relative")
     _say(4, f"fit: {fit['data']['cells']} cells, {fit['data']['runs_valid']} runs; leave-one-cell-out regret "
-            f"mean {fit['regret']['mean']:.2%}" if fit["regret"]["mean"] is not None else "fit: done")
+            f"mean {regret['mean']:.2%} (noise floor {noise:.2%})" if regret["mean"] is not None and noise is not None
+            else "fit: done")
 
     # 5. Predict for a larger model trained on more tokens.
-    from qwenjax.config import ModelConfig
-    from qwenjax.model import count_params
-
-    shape = _main_model(plan)
-    main_cfg = ModelConfig(vocab_size=corpus["vocab_size"], tie_word_embeddings=True, **shape)
-    n_main = count_params(main_cfg)[1]
-    d_main = max(plan.tokens) * plan.main_scale
+    shape = model_shape(plan.main_width, plan)
+    n_main = n_of(plan.main_width)
+    d_main = max(plan.tokens) * plan.main_tokens_scale
     prediction = predict(load_fit(fit_path), n_main, d_main, seq_len=plan.seq_len)
-    batch = int(prediction["batch_size"])
-    _say(5, f"predict: N = {n_main:,} non-embedding params, D = {d_main:,.0f} tokens -> lr {prediction['lr']:.3g}, "
-            f"batch {batch} sequences ({prediction['batch_tokens']:,.0f} tokens)")
+    lrs, batches = check_grid(prediction, plan.seq_len)
+    _say(5, f"predict: N = {n_main:,} non-embedding params ({n_main / n_of(max(plan.widths)):.1f}x the largest "
+            f"swept), D = {d_main:,.0f} tokens -> lr {prediction['lr']:.3g}, batch {prediction['batch_size']} "
+            f"sequences ({prediction['batch_tokens']:,.0f} tokens)")
 
-    # 6. Main run with the prediction, and 2x / 0.5x the learning rate at the same batch.
-    lrs = [prediction["lr"] * f for f in (0.5, 1.0, 2.0)]
+    # 6. The check: a grid of lr x {0.5, 1, 2} and batch x {0.5, 1, 2} around the prediction, and the predicted
+    #    point again with a second seed.
     main_spec = {
         "name": "demo-main", "base": str(out / "base.yaml"), "models": [shape], "tokens": [d_main],
-        "lr": lrs, "batch_size": [batch], "population": "lr", "max_extensions": 0,
-        "overrides": {"eval.batches": plan.eval_batches * 2},
+        "lr": lrs, "batch_size": batches, "max_extensions": 0,
+        # the sweep's warmup: a quarter of the shortest budget's steps (fork_cooldowns), so the same tokens
+        "warmup_fraction": 0.25 * min(plan.tokens) / d_main,
     }
-    _say(6, f"main run: lr {', '.join(f'{x:.3g}' for x in lrs)} at batch {batch}")
+    _say(6, f"check: lr {', '.join(f'{x:.3g}' for x in lrs)} x batch {', '.join(map(str, batches))}, and the "
+            f"predicted point with seeds {', '.join(map(str, CHECK_SEEDS))}")
     main_results, main_summary = _sweep(out, main_spec, "main", workers)
+    seed_spec = {**main_spec, "name": "demo-main-seeds", "lr": [lrs[1]], "batch_size": [prediction["batch_size"]],
+                 "seeds": [s for s in CHECK_SEEDS if s != 0]}
+    seed_results, _ = _sweep(out, seed_spec, "main-seeds", workers)
 
     from qwenjax.demo_report import write_report
 
     report = write_report(out, corpus=corpus, plan=plan, fit=fit, prediction=prediction, n_main=n_main,
-                          d_main=d_main, main_shape=shape, sweep_results=results_path, main_results=main_results,
-                          sweep_summary=sweep_summary, plots=plots, wall_s=time.perf_counter() - t_start)
+                          d_main=d_main, main_shape=shape, sweep_results=results_path,
+                          main_results=[main_results, seed_results], sweep_summary=sweep_summary, plots=plots,
+                          wall_s=time.perf_counter() - t_start)
     _say(7, f"report: {report['path']}")
     return report
 
 
-def check_verdict(losses: dict[float, float], predicted_lr: float) -> tuple[bool, str]:
-    """Is the predicted lr's loss within 1% of the better of its 2x / 0.5x neighbours, or better than both?"""
-    ours = losses[predicted_lr]
-    others = [v for k, v in losses.items() if k != predicted_lr and math.isfinite(v)]
-    best_other = min(others) if others else math.inf
-    ok = ours <= best_other * 1.01
-    if ours <= best_other:
-        text = f"the predicted learning rate is the best of the three (loss {ours:.4f} vs {best_other:.4f})"
-    elif ok:
-        text = (f"the predicted learning rate is within {ours / best_other - 1:.2%} of the better neighbour "
-                f"(loss {ours:.4f} vs {best_other:.4f}; tolerance 1%)")
+def check_verdict(grid: dict[tuple[float, int], float], predicted: tuple[float, int],
+                  predicted_losses: list[float], noise: float | None = None) -> tuple[bool, str]:
+    """Is the predicted point's mean loss over its seeds within CHECK_TOLERANCE of the best point of the grid?"""
+    finite = {p: v for p, v in grid.items() if math.isfinite(v)}
+    seeds = [v for v in predicted_losses if math.isfinite(v)]
+    floor = f"; seed noise floor {noise:.2%}" if noise is not None else ""
+    if not seeds or len(seeds) < len(predicted_losses):
+        return False, (f"the prediction MISSED: {len(predicted_losses) - len(seeds)} of its "
+                       f"{len(predicted_losses)} seeds diverged or failed")
+    ours = sum(seeds) / len(seeds)
+    best_point = min(finite, key=finite.get)
+    best = finite[best_point]
+    ok = ours <= best * (1 + CHECK_TOLERANCE)
+    where = f"lr {best_point[0]:.3g}, batch {best_point[1]}"
+    if not ok:
+        text = (f"the prediction MISSED: its mean loss over {len(seeds)} seeds, {ours:.4f}, is "
+                f"{ours / best - 1:.2%} above the best grid point ({where}: {best:.4f}; tolerance "
+                f"{CHECK_TOLERANCE:.1%}{floor})")
+    elif best_point == predicted:
+        text = (f"PASSED: the predicted point is the best of the grid (mean loss {ours:.4f} over {len(seeds)} "
+                f"seeds{floor})")
     else:
-        text = (f"the prediction MISSED: its loss {ours:.4f} is {ours / best_other - 1:.2%} above the better "
-                f"neighbour's {best_other:.4f} (tolerance 1%)")
+        text = (f"PASSED: the predicted point's mean loss over {len(seeds)} seeds, {ours:.4f}, is within "
+                f"{ours / best - 1:.2%} of the best grid point ({where}: {best:.4f}; tolerance "
+                f"{CHECK_TOLERANCE:.1%}{floor})")
     return ok, text

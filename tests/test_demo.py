@@ -33,19 +33,43 @@ def test_demo_miniature_end_to_end_and_rerun(tmp_path, corpus, capsys):
     assert cli.main(["demo", "--out", str(out), "--data", str(corpus), "--plan", "mini"]) == 0
     first_s = time.perf_counter() - t0
     report = (out / "report.md").read_text()
-    for heading in ("## Sweep", "## Fitted laws", "## Prediction", "## Check run", "**Verdict:**"):
+    for heading in ("## Sweep", "## Fitted laws", "## Prediction", "## Check at the target", "**Verdict:**",
+                    "Noise floor"):
         assert heading in report
-    assert (out / "FIT.json").is_file() and (out / "plots" / "main_loss_curves.png").is_file()
+    assert ("PASSED" in report) != ("MISSED" in report)  # the verdict says plainly which
+    assert (out / "FIT.json").is_file() and (out / "plots" / "check_grid.png").is_file()
     fit = json.loads((out / "FIT.json").read_text())
-    assert fit["data"]["cells"] >= 4
+    assert fit["data"]["cells"] >= 4 and fit["noise"]["relative"] is not None
+    # the check: lr x {0.5, 1, 2} and batch x {0.5, 1, 2} around the prediction, plus a second seed there
     main_rows = [json.loads(line) for line in (out / "main" / "results.jsonl").read_text().splitlines()]
-    assert len(main_rows) == 3 and {r["status"] for r in main_rows} <= {"ok", "diverged"}
+    lrs, batches = {r["lr"] for r in main_rows}, {r["batch_size"] for r in main_rows}
+    assert len(lrs) == 3 and len(main_rows) == 3 * len(batches) and len(batches) >= 2
+    assert sorted(lrs)[2] / sorted(lrs)[0] == pytest.approx(4, rel=1e-4)
+    seed_rows = [json.loads(line) for line in (out / "main-seeds" / "results.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in seed_rows] == [1] and seed_rows[0]["lr"] == sorted(lrs)[1]
+    assert {r["status"] for r in main_rows + seed_rows} <= {"ok", "diverged"}
+    sweep_rows = [json.loads(line) for line in (out / "sweep" / "results.jsonl").read_text().splitlines()]
+    assert any(r.get("fork_of") for r in sweep_rows) and any(r["grid"] == "noise" for r in sweep_rows)
     mtime = os.path.getmtime(out / "sweep" / "results.jsonl")
 
     t0 = time.perf_counter()  # a rerun reuses the token cache and every finished run
     assert cli.main(["demo", "--out", str(out), "--data", str(corpus), "--plan", "mini"]) == 0
     assert os.path.getmtime(out / "sweep" / "results.jsonl") == mtime
     assert time.perf_counter() - t0 < first_s / 2
+
+
+def test_check_verdict_passes_within_half_a_percent_of_the_best_grid_point():
+    from qwenjax.demo import check_verdict
+
+    grid = {(1e-3, 4): 3.00, (2e-3, 4): 3.01, (4e-3, 4): 3.10}
+    ok, text = check_verdict(grid, (2e-3, 4), [3.01, 3.02], noise=0.002)
+    assert ok and text.startswith("PASSED") and "0.50%" in text and "noise floor 0.20%" in text
+    ok, text = check_verdict(grid, (2e-3, 4), [3.01, 3.03])  # mean 3.02: 0.67% above the best
+    assert not ok and "MISSED" in text and "0.67% above" in text
+    ok, text = check_verdict(grid, (1e-3, 4), [3.00, 3.004])
+    assert ok and "best of the grid" in text
+    ok, text = check_verdict(grid, (1e-3, 4), [3.00, float("inf")])  # a diverged seed is a miss
+    assert not ok and "MISSED" in text
 
 
 @pytest.mark.parametrize("case", ["nothing", "empty", "binary"])
