@@ -27,6 +27,6 @@ def test_scaling_notebook_executes(tmp_path, monkeypatch):
         nb, kernel_name="python3", timeout=90, resources={"metadata": {"path": str(NOTEBOOK.parent)}}
     ).execute()
     assert (tmp_path / "FIT.json").exists()
-    assert len(list((tmp_path / "plots").glob("*.png"))) == 5
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 6  # with the holdout plot
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "qwenjax train CONFIG.yaml --hparams" in text

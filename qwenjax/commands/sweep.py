@@ -100,6 +100,10 @@ def _print_summary(s: dict) -> None:
     for b in s["best_per_cell"]:
         print(f"N={b['n_params']:,} D={b['tokens']:.3g}: best loss {b['loss']:.4f} at lr {b['lr']:.3g}, "
               f"batch {b['batch_size']}")
+    noise = s.get("noise") or {}
+    if noise.get("relative") is not None:
+        print(f"noise floor: {100 * noise['relative']:.2f}% (seed-to-seed spread of the loss at the optimum, "
+              f"{noise['cells_measured']} cells, {noise['seeds']}+ seeds each)")
     print(f"results: {Path(s['out_dir']) / 'results.jsonl'}; summary: {Path(s['out_dir']) / 'summary.json'}")
 
 
