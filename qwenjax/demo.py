@@ -47,10 +47,10 @@ class DemoPlan:
 
 
 PLANS = {
-    "full": DemoPlan(widths=(32, 48, 64), tokens=(2.5e5, 5.0e5), lr=(2.76e-3, 3.91e-3, 5.52e-3, 7.81e-3, 1.1e-2),
-                     batch_size=(4, 8, 16), seq_len=128, main_width=128, main_tokens_scale=3.0, layers=1,
-                     vocab_size=1024, head_dim=16, max_bytes=20_000_000, eval_sequences=512, noise_seeds=(1, 2),
-                     max_extensions=1),
+    "full": DemoPlan(widths=(16, 32, 48), tokens=(2.5e5, 5.0e5),
+                     lr=tuple(2.0 ** (k / 2) for k in range(-16, -9)), batch_size=(4, 8, 16),  # 3.9e-3 .. 3.1e-2
+                     seq_len=128, main_width=96, main_tokens_scale=3.0, layers=1, vocab_size=1024, head_dim=16,
+                     max_bytes=20_000_000, eval_sequences=512, noise_seeds=(1, 2), max_extensions=3),
     "mini": DemoPlan(widths=(16, 24, 32), tokens=(8.0e3, 1.6e4), lr=(1.6e-2, 6.4e-2, 0.25), batch_size=(4, 8),
                      seq_len=32, main_width=64, main_tokens_scale=3.0, layers=1, vocab_size=400, head_dim=8,
                      max_bytes=300_000, eval_sequences=16, noise_seeds=(1,), max_extensions=0),
@@ -165,7 +165,7 @@ def run_demo(out: str | Path = "runs/demo", data: str | None = None, *, plan: st
         "name": "demo-sweep", "base": str(out / "base.yaml"),
         "models": [model_shape(w, plan) for w in plan.widths],
         "tokens": list(plan.tokens), "lr": list(plan.lr), "batch_size": list(plan.batch_size),
-        "max_extensions": plan.max_extensions, "warmup_fraction": 0.25, "fork_cooldowns": True,
+        "max_extensions": plan.max_extensions, "bracket_margin": 0.01, "warmup_fraction": 0.25, "fork_cooldowns": True,
         "noise_seeds": list(plan.noise_seeds),
     }
     _say(3, f"sweep: {len(plan.widths)} model sizes x {len(plan.tokens)} token budgets x {len(plan.lr)} "

@@ -170,6 +170,10 @@ def write_report(out: Path, *, corpus: dict, plan, fit: dict, prediction: dict, 
         cells = fit["noise"].get("cells", [])
         md += ["", f"Noise floor: the loss at each cell's optimum varies by {noise:.2%} (relative standard deviation, "
                f"root mean square over {len(cells)} cells of {fit['noise'].get('seeds')} or more seeds)."]
+    if fit.get("landscape"):
+        from qwenjax.scaling.landscape import ladder_message
+
+        md += ["", f"The sweep against the CPU ladder's rules (docs/sweeps.md): {ladder_message(fit['landscape'])}."]
     method = fit.get("method", {})
     md += ["", "## Fitted laws", "", f"Estimator: {method.get('optimum')}; batch law in "
            f"{method.get('batch_law')}; {method.get('ci_level', 0.95):.0%} intervals from {method.get('bootstrap')} "

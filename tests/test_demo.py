@@ -34,7 +34,7 @@ def test_demo_miniature_end_to_end_and_rerun(tmp_path, corpus, capsys):
     first_s = time.perf_counter() - t0
     report = (out / "report.md").read_text()
     for heading in ("## Sweep", "## Fitted laws", "## Prediction", "## Check at the target", "**Verdict:**",
-                    "Noise floor"):
+                    "Noise floor", "ladder rules:"):
         assert heading in report
     assert ("PASSED" in report) != ("MISSED" in report)  # the verdict says plainly which
     assert (out / "FIT.json").is_file() and (out / "plots" / "check_grid.png").is_file()

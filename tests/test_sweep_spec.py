@@ -110,6 +110,11 @@ def test_extension_points():
     assert adaptive.extension_points(all_diverged, f, None) == [(0.0005, 8), (0.00025, 8)]
     batch_edge = [_row(2e-3, 4, 3.0), _row(1e-3, 8, 3.0), _row(2e-3, 8, 2.8), _row(4e-3, 8, 3.0)]
     assert adaptive.extension_points(batch_edge, f, 2.0) == [(0.001, 16), (0.002, 16), (0.004, 16)]
+    # bracketed, but the top edge is only 0.3% worse: with a 1% margin one more lr above it
+    flat_top = [_row(1e-3, 8, 3.0), _row(2e-3, 8, 2.9), _row(4e-3, 8, 2.909)]
+    assert adaptive.extension_points(flat_top, f, None) == []
+    assert adaptive.extension_points(flat_top, f, None, margin=0.01) == [(0.008, 8)]
+    assert adaptive.extension_points(bracketed, f, None, margin=0.01) == []
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -135,6 +140,8 @@ def run_cli(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
     ({"overrides": {"optim.lr": 1e-3}}, "'optim.lr' is set by the sweep"),
     ({"overrides": {"train.seqlen": 64}}, "train.seqlen"),
     ({"ladder": {"sizes": [1e5]}}, "either `models:`"),
+    ({"bracket_margin": 1.5}, "bracket_margin must be a relative loss in [0, 1)"),
+    ({"noise_seeds": [0]}, "noise_seeds: [0] already in seeds"),
 ])
 def test_bad_specs_fail_with_one_line(tmp_path, changes, message):
     with pytest.raises(UserError) as e:
@@ -177,9 +184,12 @@ def test_cpu_ladder_spans_the_required_ranges(tmp_path):
     runs = planner.initial_runs()
     ns = sorted({r.model.n_params for r in runs})
     ds = sorted({r.tokens for r in runs})
-    assert len(ns) >= 3 and ns[-1] / ns[0] >= 8 and 1e4 <= ns[0] and ns[-1] <= 1e6
+    assert len(ns) >= 4 and ns[-1] / ns[0] >= 10 and ns[-1] <= 1e6
     assert len(ds) >= 3 and ds[-1] / ds[0] >= 4
-    assert len({r.batch_size for r in runs}) >= 3
+    batches = sorted({r.batch_size for r in runs})
+    lrs = sorted({r.lr for r in runs})
+    assert batches[-1] / batches[0] >= 4 and lrs[-1] / lrs[0] >= 8 * (1 - 1e-4)
+    assert planner.spec.fork_cooldowns and len(planner.spec.noise_seeds) >= 2 and planner.spec.bracket_margin > 0
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from qwenjax.errors import UserError
 #: qwenjax.scaling.hparams.ESTIMATORS and DEFAULT_METHOD, spelled out so that building the parser does not
 #: import the fitter (pandas, scipy); tests/test_scaling_cli.py keeps them in step.
 ESTIMATORS = ("nearopt", "smooth", "surface", "prior")
-DEFAULT_METHOD = "prior"
+DEFAULT_METHOD = "surface"
 
 
 def register(subparsers) -> None:
@@ -110,6 +110,7 @@ def _print_holdout(held: dict, noise: str) -> None:
 
 def run(args) -> int:
     from qwenjax.scaling import format_law, load_results, make_fit, make_plots, save_fit
+    from qwenjax.scaling.landscape import ladder_message
     from qwenjax.scaling.noise import format_noise
     from qwenjax.scaling.results import skipped_message
 
@@ -157,6 +158,7 @@ def run(args) -> int:
         )
     if fit["holdout"]:
         _print_holdout(fit["holdout"], format_noise(noise))
+    print(ladder_message(fit["landscape"]))
     print(f"wrote {path}")
     if args.plots:
         for plot in make_plots(df, fit, args.plots, sizes=_preset_sizes()):

@@ -8,6 +8,7 @@ without starting JAX training code. The method and FIT.json format are described
 from qwenjax.scaling.fitfile import FORMAT, format_law, load_fit, make_fit, save_fit
 from qwenjax.scaling.holdout import holdout_validation
 from qwenjax.scaling.hparams import DEFAULT_METHOD, ESTIMATORS, cell_optima, evaluate_law, fit_hparam_laws
+from qwenjax.scaling.landscape import ladder_checks, ladder_message
 from qwenjax.scaling.loss_law import compute_optimal, evaluate_loss_law, fit_loss_law
 from qwenjax.scaling.noise import noise_floor
 from qwenjax.scaling.plots import (
@@ -40,6 +41,8 @@ __all__ = [
     "format_count",
     "format_law",
     "holdout_validation",
+    "ladder_checks",
+    "ladder_message",
     "load_fit",
     "load_results",
     "make_fit",

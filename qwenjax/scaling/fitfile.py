@@ -19,6 +19,7 @@ from qwenjax.errors import UserError
 from qwenjax.scaling.bootstrap import CI_LEVEL
 from qwenjax.scaling.holdout import holdout_validation
 from qwenjax.scaling.hparams import DEFAULT_METHOD, fit_hparam_laws
+from qwenjax.scaling.landscape import ladder_checks
 from qwenjax.scaling.loss_law import fit_loss_law
 
 FORMAT = "qwenjax-fit/1"
@@ -94,6 +95,7 @@ def make_fit(
         "cell_optima": hp["cell_optima"],
         "noise": hp["noise"],
         "holdout": held,
+        "landscape": ladder_checks(df),
         "notes": notes,
     }
 

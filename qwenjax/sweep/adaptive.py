@@ -115,7 +115,7 @@ def best_point(rows: list[dict]) -> tuple[float, int] | None:
 
 
 def extension_points(rows: list[dict], lr_factor: float | None, batch_factor: float | None = 2.0,
-                     per_side: int = 2) -> list[tuple[float, int]]:
+                     per_side: int = 2, margin: float = 0.0) -> list[tuple[float, int]]:
     """New (lr, batch_size) points for a cell whose best run sits on an edge of the grid it has so far.
 
     `rows`: result lines of the cell (all seeds; a point's loss is the mean over its seeds). An axis with
@@ -123,7 +123,9 @@ def extension_points(rows: list[dict], lr_factor: float | None, batch_factor: fl
     - best lr is the largest (smallest) tried at the best batch -> `per_side` lrs above (below) it there;
     - best batch is the largest (smallest) tried -> the next batch beyond it, at the best lr and one step
       either side;
-    - no run of the cell succeeded (every lr diverged) -> `per_side` lrs below the smallest, at every batch.
+    - no run of the cell succeeded (every lr diverged) -> `per_side` lrs below the smallest, at every batch;
+    - `margin` > 0: the smallest (largest) lr tried at the best batch is less than `margin` worse than the best
+      -> one more lr below (above) it, so the landscape is seen to bend by at least that much.
     Points already tried are not proposed again; an empty list means the optimum is bracketed.
     """
     mean = point_losses(rows)
@@ -154,6 +156,11 @@ def extension_points(rows: list[dict], lr_factor: float | None, batch_factor: fl
         elif best_lr <= lrs_at_b[0]:
             for j in range(1, per_side + 1):
                 propose(best_lr / lr_factor**j, best_b)
+        else:
+            best = finite[(best_lr, best_b)]
+            for edge, factor in ((lrs_at_b[0], 1 / lr_factor), (lrs_at_b[-1], lr_factor)):
+                if mean[(edge, best_b)] < best * (1 + margin):
+                    propose(edge * factor, best_b)
     if batch_factor:
         batches = sorted({b for _, b in tried})
         target = None

@@ -313,7 +313,8 @@ class Planner:
     def extension_runs(self, cell: tuple[int, float], rows: list[dict]) -> list[PlannedRun]:
         """The next extension of a cell from its result lines so far (empty: bracketed)."""
         model_index, tokens = cell
-        points = adaptive.extension_points(rows, self.lr_factor(), self.batch_factor())
+        points = adaptive.extension_points(rows, self.lr_factor(), self.batch_factor(),
+                                           margin=self.spec.bracket_margin)
         runs = []
         for lr, b in points:
             if b * self.seq_len > tokens:

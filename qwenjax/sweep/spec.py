@@ -36,7 +36,7 @@ from qwenjax.errors import UserError
 
 SPEC_KEYS = ("name", "description", "base", "models", "ladder", "tokens", "lr", "batch_size", "seeds",
              "overrides", "population", "resources", "max_extensions", "warmup_fraction", "fork_cooldowns",
-             "noise_seeds")
+             "noise_seeds", "bracket_margin")
 #: run-config keys that the sweep's axes set; an `overrides:` entry for one of them would be silently lost
 AXIS_KEYS = {"optim.lr": "lr", "train.batch_size": "batch_size", "train.steps": "tokens", "seed": "seeds",
              "run_dir": "the sweep (runs/<run_id>)"}
@@ -91,6 +91,7 @@ class SweepSpec:
     warmup_fraction: float | None = None
     fork_cooldowns: bool = False  # runs that differ only in tokens share one stable phase (WSD)
     noise_seeds: tuple[int, ...] = ()  # extra seeds rerun at each cell's optimum once its grid is settled
+    bracket_margin: float = 0.0  # extend until both lr edges at the best batch are this much worse than the best
     description: str = ""
     model_origin: str = "models"  # "models" or "ladder": which key error messages should name
 
@@ -370,13 +371,16 @@ def parse_spec(tree: Mapping, path: Path | None = None) -> SweepSpec:
     forks = tree.get("fork_cooldowns", False)
     if not isinstance(forks, bool):
         raise UserError(f"fork_cooldowns must be true or false, got {forks!r}")
+    margin = tree.get("bracket_margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise UserError(f"bracket_margin must be a relative loss in [0, 1), e.g. 0.01, got {margin!r}")
     description = tree.get("description") or ""
 
     return SweepSpec(name=name, path=path, base=base, models=tuple(models), tokens=tuple(tokens), lr=lr,
                      batch_size=batch, seeds=tuple(seeds), overrides=overrides, population=population,
                      resources=dict(resources), max_extensions=max_ext,
                      warmup_fraction=None if warmup is None else float(warmup), fork_cooldowns=forks,
-                     noise_seeds=tuple(noise_seeds), description=str(description),
+                     noise_seeds=tuple(noise_seeds), bracket_margin=float(margin), description=str(description),
                      model_origin=origin)
 
 
