@@ -47,7 +47,7 @@ class DemoPlan:
 
 
 PLANS = {
-    "full": DemoPlan(widths=(16, 32, 48), tokens=(2.5e5, 5.0e5),
+    "full": DemoPlan(widths=(32, 48), tokens=(2.5e5, 5.0e5),
                      lr=tuple(2.0 ** (k / 2) for k in range(-16, -9)), batch_size=(4, 8, 16),  # 3.9e-3 .. 3.1e-2
                      seq_len=128, main_width=96, main_tokens_scale=3.0, layers=1, vocab_size=1024, head_dim=16,
                      max_bytes=20_000_000, eval_sequences=512, noise_seeds=(1, 2), max_extensions=3),
@@ -123,6 +123,22 @@ def _sweep(out: Path, spec: dict, name: str, workers: int) -> tuple[Path, dict]:
     return out / name / "results.jsonl", summary
 
 
+#: the CPU ladder's committed results (in a source checkout): the demo's prior for the exponents
+LADDER_RESULTS = Path(__file__).resolve().parents[1] / "sweeps" / "results" / "cpu-ladder.jsonl"
+
+
+def _ladder_prior(out: Path) -> Path | None:
+    """Fit the committed CPU ladder once (OUT/ladder-FIT.json) for the prior; None outside a source checkout."""
+    from qwenjax.scaling import load_results, make_fit, save_fit
+
+    path = out / "ladder-FIT.json"
+    if not path.is_file():
+        if not LADDER_RESULTS.is_file():
+            return None
+        save_fit(make_fit(load_results(LADDER_RESULTS), bootstrap=200, seed=0, loss_law=False), path)
+    return path
+
+
 def model_shape(width: int, plan: DemoPlan) -> dict:
     """The Qwen2.5-shaped model of one width: `plan.layers` layers, heads of `plan.head_dim`, Qwen2.5's key/value
     head count and MLP ratio."""
@@ -172,10 +188,12 @@ def run_demo(out: str | Path = "runs/demo", data: str | None = None, *, plan: st
             f"learning rates x {len(plan.batch_size)} batch sizes, + {len(plan.noise_seeds)} seeds at each optimum")
     results_path, sweep_summary = _sweep(out, sweep_spec, "sweep", workers)
 
-    # 4. Fit the laws.
+    # 4. Fit the laws; on the default corpus, the exponents lean on the committed CPU ladder's (a prior), since
+    #    two model sizes and two budgets are a short lever arm for a 4x extrapolation.
     df = load_results([results_path])
     fit_path = out / "FIT.json"
-    fit = make_fit(df, bootstrap=200, seed=0)
+    prior = _ladder_prior(out) if data is None else None
+    fit = make_fit(df, bootstrap=200, seed=0, **({"method": "prior", "prior": str(prior)} if prior else {}))
     save_fit(fit, fit_path)
     plots = [str(p) for p in make_plots(df, fit, out / "plots")]
     regret, noise = fit["regret"], (fit.get("noise") or {}).get("relative")

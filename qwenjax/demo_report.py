@@ -175,7 +175,11 @@ def write_report(out: Path, *, corpus: dict, plan, fit: dict, prediction: dict, 
 
         md += ["", f"The sweep against the CPU ladder's rules (docs/sweeps.md): {ladder_message(fit['landscape'])}."]
     method = fit.get("method", {})
-    md += ["", "## Fitted laws", "", f"Estimator: {method.get('optimum')}; batch law in "
+    prior = method.get("prior") or {}
+    leaning = (f" (exponents shrunk toward the CPU ladder's, `{prior.get('source')}`: "
+               + ", ".join(f"{k} {v:.3g} ± {prior['sd'][k]:.2g}" for k, v in prior["mean"].items()) + ")"
+               if method.get("optimum") == "prior" and prior.get("mean") else "")
+    md += ["", "## Fitted laws", "", f"Estimator: {method.get('optimum')}{leaning}; batch law in "
            f"{method.get('batch_law')}; {method.get('ci_level', 0.95):.0%} intervals from {method.get('bootstrap')} "
            "bootstrap resamples of the cells.", ""]
     for name, law in fit["laws"].items():

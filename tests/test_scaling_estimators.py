@@ -123,6 +123,22 @@ def test_parse_prior_schema(tmp_path):
             parse_prior(bad)
 
 
+def test_a_fit_file_is_a_prior(noisy, tmp_path):
+    """A FIT.json as --prior: its exponents are the means, their bootstrap sds the sds (at least 0.02)."""
+    from qwenjax.scaling import make_fit, save_fit
+
+    fit = make_fit(noisy, method="nearopt", bootstrap=50, loss_law=False)
+    path = save_fit(fit, tmp_path / "FIT.json")
+    prior = parse_prior(str(path))
+    assert prior["mean"]["alpha"] == pytest.approx(fit["laws"]["lr"]["log_coef"][1])
+    assert prior["mean"]["delta"] == pytest.approx(fit["laws"]["batch_tokens"]["log_coef"][2])
+    assert all(sd >= 0.02 for sd in prior["sd"].values()) and prior["source"] == "FIT.json"
+    leaned = make_fit(noisy, method="prior", prior=str(path), bootstrap=0, loss_law=False)
+    assert leaned["method"]["prior"]["mean"] == prior["mean"]
+    with pytest.raises(UserError, match="not a complete qwenjax fit"):
+        parse_prior({"format": "qwenjax-fit/1", "laws": {}})
+
+
 def test_cells_weighted_by_their_uncertainty(noisy):
     """Weights are normalised; a cell whose grid never varied the batch says nothing about B* and gets ~0."""
     fit = fit_hparam_laws(noisy, method="nearopt", bootstrap=0)

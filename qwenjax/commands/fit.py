@@ -9,7 +9,7 @@ from qwenjax.errors import UserError
 #: qwenjax.scaling.hparams.ESTIMATORS and DEFAULT_METHOD, spelled out so that building the parser does not
 #: import the fitter (pandas, scipy); tests/test_scaling_cli.py keeps them in step.
 ESTIMATORS = ("nearopt", "smooth", "surface", "prior")
-DEFAULT_METHOD = "surface"
+DEFAULT_METHOD = "smooth"
 
 
 def register(subparsers) -> None:

@@ -38,7 +38,7 @@ _NAMES = {
 TARGETS = ("lr", "batch_tokens")
 ESTIMATORS = ("nearopt", "smooth", "surface", "prior")
 #: The estimator with the lowest measured held-out regret (docs/scaling.md, "Choosing the estimator").
-DEFAULT_METHOD = "surface"
+DEFAULT_METHOD = "smooth"
 #: Noisy redraws of each cell used to measure the spread of its optimum.
 UNCERTAINTY_DRAWS = 128
 #: Variance (log units^2) of an optimum along an axis the cell did not vary: it says nothing about it.

@@ -4,6 +4,9 @@ Schema (a JSON object, given inline or as the path of a JSON file): any of `alph
 in N and D), `gamma`, `delta` (B* exponents in N and D) as numbers, and optionally `sd`, either one number
 for every exponent or an object with any of those four keys. Keys left out keep Step Law's mean and the
 default sd. Example: {"alpha": -0.713, "beta": 0.307, "sd": {"alpha": 0.2}}.
+
+A FIT.json written by `qwenjax fit` is a prior too: its fitted exponents are the means and their bootstrap
+standard deviations the sds, so a small new sweep can lean on an earlier, larger study of the same regime.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
+import numpy as np
 
 from qwenjax.errors import UserError
 
@@ -57,6 +62,8 @@ def parse_prior(value: str | dict | None = None) -> dict:
             raise UserError(f"--prior is not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise UserError(f"--prior must be a JSON object, got {type(obj).__name__}")
+    if "laws" in obj and "format" in obj:
+        return prior_from_fit(obj, source)
     allowed = ", ".join((*EXPONENTS, "sd"))
     for key in obj:
         if key not in (*EXPONENTS, "sd"):
@@ -71,4 +78,25 @@ def parse_prior(value: str | dict | None = None) -> dict:
     else:
         one = _number(sd_given, "sd", positive=True)
         sd = dict.fromkeys(EXPONENTS, one)
+    return {"mean": mean, "sd": sd, "source": source}
+
+
+def prior_from_fit(fit: dict, source: str = "a fit") -> dict:
+    """The prior of a FIT.json: each exponent's fitted value as the mean, its bootstrap sd (at least 0.02, so
+    that an over-confident fit cannot freeze an exponent) as the sd; exponents the fit lacks keep Step Law's."""
+    names = {"lr": ("alpha", "beta"), "batch_tokens": ("gamma", "delta")}
+    mean, sd = dict(STEP_LAW), dict.fromkeys(EXPONENTS, DEFAULT_SD)
+    try:
+        for target, (n_exp, d_exp) in names.items():
+            law = fit["laws"][target]
+            columns = {"N": n_exp, "D": d_exp}
+            samples = np.asarray(law["bootstrap"]["samples"], float).reshape(-1, len(law["log_coef"]))
+            for j, inp in enumerate(law["inputs"], start=1):
+                name = columns[inp]
+                mean[name] = _number(float(law["log_coef"][j]), f"laws.{target} exponent of {inp}")
+                good = samples[np.isfinite(samples[:, j]), j] if len(samples) else samples[:, :0]
+                if len(good) > 2:
+                    sd[name] = max(float(np.std(good, ddof=1)), 0.02)
+    except (KeyError, TypeError, IndexError) as e:
+        raise UserError(f"--prior: {source} is not a complete qwenjax fit ({e})") from None
     return {"mean": mean, "sd": sd, "source": source}

@@ -84,8 +84,9 @@ class _Driver:
                 self.pending.append(r.run_id)
 
     def advance_cell(self, cell, progress) -> None:
-        """When every run of a cell has a final row: extend its grid, or settle it (then rerun its optimum
-        with the spec's `noise_seeds`, once)."""
+        """When every run of a cell has a final row: extend its grid, or rerun its best point with the spec's
+        `noise_seeds`, or close it. The seed means can move the optimum or flatten an edge, so the grid is
+        checked again after the noise runs (extensions stay bounded by max_extensions)."""
         while cell not in self.cell_closed:
             ids = self.cell_runs[cell]
             if any(rid not in self.rows for rid in ids):
@@ -94,13 +95,14 @@ class _Driver:
             new = []
             if self.cell_rounds[cell] < self.spec.max_extensions:
                 new = [r for r in self.planner.extension_runs(cell, rows) if r.run_id not in self.runs]
-            if new:
-                self.cell_rounds[cell] += 1
-                self.add_runs(new, progress)
-                continue
-            self.cell_closed.add(cell)
-            grid_rows = [r for r in rows if r.get("grid") != "noise"]
-            self.add_runs(self.planner.noise_runs(cell, grid_rows), progress)
+                if new:
+                    self.cell_rounds[cell] += 1
+            if not new:
+                new = [r for r in self.planner.noise_runs(cell, rows) if r.run_id not in self.runs]
+            if not new:
+                self.cell_closed.add(cell)
+                return
+            self.add_runs(new, progress)
 
     # -- units ----------------------------------------------------------------------------------------
     def make_units(self) -> list[dict]:
