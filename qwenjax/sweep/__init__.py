@@ -61,6 +61,7 @@ class _Driver:
         self.cell_runs: dict[tuple, list[str]] = defaultdict(list)
         self.cell_rounds: dict[tuple, int] = defaultdict(int)
         self.cell_closed: set[tuple] = set()
+        self.noise_planned: set[tuple] = set()
         self.rows: dict[str, dict] = {}  # run_id -> latest final row (ok/diverged/failed)
         self.pending: list[str] = []  # run ids waiting for a worker
         self.attempts: dict[str, int] = defaultdict(int)
@@ -84,9 +85,10 @@ class _Driver:
                 self.pending.append(r.run_id)
 
     def advance_cell(self, cell, progress) -> None:
-        """When every run of a cell has a final row: extend its grid, or rerun its best point with the spec's
-        `noise_seeds`, or close it. The seed means can move the optimum or flatten an edge, so the grid is
-        checked again after the noise runs (extensions stay bounded by max_extensions)."""
+        """When every run of a cell has a final row: extend its grid, or (once) rerun the best point of its grid
+        with the spec's `noise_seeds`, or close it. The seed means can flatten an edge, so the brackets are
+        checked again after the noise runs (extensions stay bounded by max_extensions); the noise seeds are
+        not chased to another point, which a lucky single-seed run would always win."""
         while cell not in self.cell_closed:
             ids = self.cell_runs[cell]
             if any(rid not in self.rows for rid in ids):
@@ -97,8 +99,10 @@ class _Driver:
                 new = [r for r in self.planner.extension_runs(cell, rows) if r.run_id not in self.runs]
                 if new:
                     self.cell_rounds[cell] += 1
-            if not new:
-                new = [r for r in self.planner.noise_runs(cell, rows) if r.run_id not in self.runs]
+            if not new and cell not in self.noise_planned:
+                self.noise_planned.add(cell)
+                grid_rows = [r for r in rows if r.get("grid") != "noise"]
+                new = [r for r in self.planner.noise_runs(cell, grid_rows) if r.run_id not in self.runs]
             if not new:
                 self.cell_closed.add(cell)
                 return
