@@ -101,7 +101,7 @@ def _plot_check_grid(out: Path, grid: dict[tuple[float, int], float], predicted:
     ax.set_ylabel("batch (sequences)")
     floor = f", noise floor {noise:.2%}" if noise is not None else ""
     verdict = "PASSED" if ok else "MISSED"
-    ax.set_title(f"Check at the target: {verdict} (prediction outlined; tolerance 0.5%{floor})", fontsize=9)
+    ax.set_title(f"Check at the target: {verdict}\n(prediction outlined; tolerance 0.5%{floor})", fontsize=9)
     fig.colorbar(im, ax=ax, label="% above the best grid point")
     return _save(fig, out / "plots" / "check_grid.png")
 
