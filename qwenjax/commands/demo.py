@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--data", default=None, metavar="PATH",
                    help="text, JSONL or Parquet file, glob or folder (default: the Python standard library)")
     p.add_argument("--plan", choices=("full", "mini"), default="full",
-                   help="full (about 15 min on 2 cores) or mini (a miniature for smoke tests)")
+                   help="full (about 10 min on 2 cores) or mini (a miniature for smoke tests)")
     p.add_argument("--workers", type=int, default=None,
                    help="sweep worker processes (default: one per CPU core, at most 4)")
     p.set_defaults(func=_run)
