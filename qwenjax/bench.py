@@ -39,7 +39,8 @@ class _JaxSide:
     def __init__(self, cfg: RunConfig, model_cfg: ModelConfig, batch):
         import jax
 
-        from qwenjax import sharding, train
+        from qwenjax import train
+        from qwenjax.train import sharding
 
         self.mesh = sharding.mesh_from_config(cfg.mesh)
         static = train.make_optim_static(cfg)
@@ -94,7 +95,7 @@ class _TorchSide:
 
 def bench_train(cfg: RunConfig, *, steps: int = 3, rounds: int = 3, with_torch: bool = True) -> dict[str, Any]:
     """Tokens/s and MFU of qwenjax's jitted train step (and of torch when `with_torch` and installed)."""
-    from qwenjax.metrics import peak_flops
+    from qwenjax.train.metrics import peak_flops
 
     model_cfg = model_config(cfg, vocab_size=cfg.model.vocab_size or 8192)
     B, T = cfg.train.batch_size, cfg.train.seq_len

@@ -18,11 +18,11 @@ from conftest import TINY, tiny_overrides
 from test_resume import _final_state
 
 from qwenjax.errors import UserError
-from qwenjax.metrics import read_metrics
-from qwenjax.optim import learning_rate, make_hp, wsd_decay_start
 from qwenjax.run_config import config_to_dict, load_config
 from qwenjax.sweep.plan import Planner, describe, families, fork_plan, run_id_of
 from qwenjax.sweep.spec import parse_spec
+from qwenjax.train.metrics import read_metrics
+from qwenjax.train.optim import learning_rate, make_hp, wsd_decay_start
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,

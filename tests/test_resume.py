@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 from conftest import TINY, TRAIN_SCRIPT, run_python, subprocess_env, tiny_overrides
 
-from qwenjax.checkpoint import Checkpointer, abstract_with_shardings
-from qwenjax.metrics import read_metrics
 from qwenjax.run_config import load_config, model_config
-from qwenjax.train import _abstract_state, train
+from qwenjax.train import abstract_state, train
+from qwenjax.train.checkpoint import Checkpointer, abstract_with_shardings
+from qwenjax.train.metrics import read_metrics
 
 COMMON = ("train.steps=20", "checkpoint.every_steps=5", "train.log_every=5", "eval.batches=1")
 
 
 def _final_state(run_dir, model_cfg):
-    abstract = _abstract_state(model_cfg)
+    abstract = abstract_state(model_cfg)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {"train": abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract)),
               "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=device)}

@@ -14,11 +14,10 @@ from conftest import TINY, TRAIN_SCRIPT, free_port, run_python, subprocess_env, 
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
-from qwenjax import sharding
 from qwenjax.errors import UserError
-from qwenjax.metrics import read_metrics
 from qwenjax.run_config import load_config, model_config
-from qwenjax.train import _abstract_state, train
+from qwenjax.train import abstract_state, sharding, train
+from qwenjax.train.metrics import read_metrics
 
 STEPS = ("train.steps=5", "train.log_every=1", "eval.batches=1", "checkpoint.enabled=false")
 MESHES = {
@@ -34,7 +33,7 @@ def _mesh(data, fsdp, tensor):
 
 def test_logical_axis_rules(tiny_config):
     mc = model_config(tiny_config, vocab_size=1024)  # 4 heads, 2 kv heads, hidden 128, mlp 384
-    specs = sharding.param_specs(_abstract_state(mc)["params"], _mesh(2, 2, 2), mc)
+    specs = sharding.param_specs(abstract_state(mc)["params"], _mesh(2, 2, 2), mc)
     attn, mlp = specs["layers"][0]["self_attn"], specs["layers"][0]["mlp"]
     assert specs["embed_tokens"] == P("tensor", "fsdp")  # (vocab, embed)
     assert attn["q_proj"]["kernel"] == P("fsdp", "tensor") and attn["q_proj"]["bias"] == P("tensor")
@@ -44,7 +43,7 @@ def test_logical_axis_rules(tiny_config):
     assert mlp["down_proj"]["kernel"] == P("tensor", "fsdp")
     assert specs["norm"]["weight"] == P(None)
     # heads are split whole: 2 kv heads on tensor=4 fall back to replication, 4 query heads do not
-    specs4 = sharding.param_specs(_abstract_state(mc)["params"], _mesh(1, 2, 4), mc)
+    specs4 = sharding.param_specs(abstract_state(mc)["params"], _mesh(1, 2, 4), mc)
     attn4 = specs4["layers"][0]["self_attn"]
     assert attn4["q_proj"]["kernel"] == P("fsdp", "tensor") and attn4["k_proj"]["kernel"] == P("fsdp", None)
     # size-1 axes are dropped; indivisible dims replicated
@@ -53,7 +52,7 @@ def test_logical_axis_rules(tiny_config):
     batch_spec = sharding.logical_to_spec(("batch", "length"), (16, 64), _mesh(2, 4, 1))
     assert batch_spec == P(("data", "fsdp"), None)
     # optimizer moments get the parameter's sharding, counters are replicated
-    shardings = sharding.state_shardings(_abstract_state(mc), _mesh(1, 2, 2), mc)
+    shardings = sharding.state_shardings(abstract_state(mc), _mesh(1, 2, 2), mc)
     mu = shardings["opt_state"].mu
     assert mu["layers"][1]["mlp"]["up_proj"]["kernel"].spec == P("fsdp", "tensor")
     assert shardings["opt_state"].count.spec == P() and shardings["step"].spec == P()
@@ -88,7 +87,7 @@ def single_device_losses(tiny_config, tiny_data, tmp_path_factory):
 
 MESH_SCRIPT = f"""
 import json, sys
-from qwenjax.metrics import read_metrics
+from qwenjax.train.metrics import read_metrics
 from qwenjax.run_config import load_config
 from qwenjax.train import train
 cache, root, meshes, steps = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4:]

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qwenjax.metrics import read_metrics
 from qwenjax.sweep import SweepOptions, run_sweep
 from qwenjax.sweep.results import REQUIRED_FIELDS, read_lines
 from qwenjax.sweep.spec import load_spec
+from qwenjax.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -51,8 +51,8 @@ def fake_train(cfg) -> dict:
 def crash_mid_fork(cfg, forks=()) -> dict:
     """The trainer, except that the first fork to save a checkpoint of its own (past the state its parent
     handed over) kills its worker right after that save: a sweep killed mid-fork."""
-    from qwenjax.checkpoint import Checkpointer
     from qwenjax.train import train
+    from qwenjax.train.checkpoint import Checkpointer
 
     marker = Path(os.environ["QWENJAX_TEST_FORK_CRASH"])
     if not getattr(Checkpointer, "crash_armed", False):

@@ -16,9 +16,9 @@ from conftest import TINY, tiny_overrides
 from qwenjax import cli
 from qwenjax.config import ModelConfig
 from qwenjax.errors import UserError
-from qwenjax.optim import OptimStatic, learning_rate, make_hp
 from qwenjax.run_config import load_config
 from qwenjax.train import init_train_state, make_hparams, mean_gradients, train, train_step
+from qwenjax.train.optim import OptimStatic, learning_rate, make_hp
 
 MICRO = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -93,7 +93,7 @@ def test_schedules():
 
 
 def test_weight_decay_mask():
-    from qwenjax.optim import decay_mask
+    from qwenjax.train.optim import decay_mask
 
     params = init_train_state(MICRO.replace(tie_word_embeddings=True), jax.random.key(0))["params"]
     mask = decay_mask(params, OptimStatic())
@@ -229,9 +229,9 @@ def test_bad_input_is_one_line(extra, message, tiny_config, tmp_path, monkeypatc
 
 def test_init_from_a_params_checkpoint(tiny_config, tiny_data, tmp_path):
     """model.init_from: start from saved params (model_io format) instead of a fresh init."""
-    from qwenjax.metrics import read_metrics
     from qwenjax.model_io import save_model
     from qwenjax.run_config import model_config
+    from qwenjax.train.metrics import read_metrics
 
     model_cfg = model_config(tiny_config, vocab_size=tiny_data.vocab_size)
     save_model(tmp_path / "init", model_cfg, init_train_state(model_cfg, jax.random.key(0))["params"])

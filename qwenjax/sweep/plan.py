@@ -148,7 +148,7 @@ class PlannedRun:
     @property
     def fork_step(self) -> int:
         """Where this run's WSD decay starts: a longer run of its family hands over its state there."""
-        from qwenjax.optim import wsd_decay_start
+        from qwenjax.train.optim import wsd_decay_start
 
         o = self.cfg.optim
         return wsd_decay_start(self.steps, o.decay_fraction, o.warmup_steps)

@@ -47,7 +47,7 @@ MIN_GAIN = 1.05
 
 
 def read_decisions(path: str | os.PathLike) -> list[dict]:
-    from qwenjax.metrics import read_metrics  # the one reader of append-only JSON-lines files
+    from qwenjax.train.metrics import read_metrics  # the one reader of append-only JSON-lines files
 
     return read_metrics(path)
 
@@ -220,8 +220,8 @@ def decide(run_cfgs: Sequence, *, steps: int, shape_key: str, model_cfg=None,
 
 
 def _member_logger(cfg, total_steps: int):
-    from qwenjax import metrics as qmetrics
     from qwenjax.run_config import save_config
+    from qwenjax.train import metrics as qmetrics
 
     run_dir = Path(cfg.run_dir).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -241,22 +241,22 @@ def train_population(run_cfgs: Sequence, strategy: str = "map") -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
-    from qwenjax import metrics as qmetrics
     from qwenjax import model as qmodel
-    from qwenjax import sharding
     from qwenjax.config import flops_per_token
     from qwenjax.data import make_eval_batches, make_train_iterator
     from qwenjax.run_config import atomic_write_text, model_config, planned_tokens
     from qwenjax.train import (
-        _mean_last,
         compiled_eval_step,
         heldout_loss,
         init_state_sharded,
         make_hparams,
         make_optim_static,
         prepare_data,
+        sharding,
         step_events,
     )
+    from qwenjax.train import metrics as qmetrics
+    from qwenjax.train.loop import _mean_last
 
     t_start = time.perf_counter()
     cfgs = list(run_cfgs)
@@ -446,8 +446,8 @@ def execute_population(unit: dict, run_fn, emit: Callable[[dict], None],
 
 
 def _decision(unit: dict, cfgs: list, members: int) -> dict | None:
-    from qwenjax import sharding
     from qwenjax.run_config import model_config
+    from qwenjax.train import sharding
 
     path = unit.get("decisions")
     force = unit.get("force")
