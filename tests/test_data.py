@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import qwenjax.data as data
+import qwenjax.data.cache as data_cache
 from qwenjax.data import (
     BATCH_KEYS,
     build_token_cache,
@@ -28,7 +29,7 @@ from qwenjax.data import (
     stdlib_corpus,
 )
 from qwenjax.errors import UserError
-from qwenjax.tokenizer import load_tokenizer, train_tokenizer
+from qwenjax.data.tokenizer import load_tokenizer, train_tokenizer
 
 WORDS = ["value", "index", "result", "name", "items", "count", "total", "data", "self", "config", "path"]
 
@@ -186,7 +187,7 @@ def test_cache_reused_not_retokenized(cache, corpus, tok_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("re-tokenized")
 
-    monkeypatch.setattr(data, "_tokenize_into", boom)
+    monkeypatch.setattr(data_cache, "_tokenize_into", boom)
     again = build_token_cache(corpus, tok_path, root, heldout_fraction=0.1)
     assert again.path == cache.path and not again.built and cache.built
     assert (again.path / "train.npy").stat().st_mtime_ns == mtime
@@ -198,13 +199,13 @@ def test_cache_reused_not_retokenized(cache, corpus, tok_path, monkeypatch):
 
 
 def test_cache_build_is_atomic(corpus, tok_path, tmp_path, monkeypatch):
-    real = data._tokenize_into
+    real = data_cache._tokenize_into
 
     def killed(out, *a, **k):
         real(out, *a, **k)
         raise KeyboardInterrupt  # dies after writing the arrays, before meta.json / rename
 
-    monkeypatch.setattr(data, "_tokenize_into", killed)
+    monkeypatch.setattr(data_cache, "_tokenize_into", killed)
     with pytest.raises(KeyboardInterrupt):
         build_token_cache(corpus, tok_path, tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -212,7 +213,7 @@ def test_cache_build_is_atomic(corpus, tok_path, tmp_path, monkeypatch):
 
 def test_cache_race_loser_uses_winner(corpus, tok_path, tmp_path, monkeypatch):
     winner = build_token_cache(corpus, tok_path, tmp_path / "winner")
-    real = data._tokenize_into
+    real = data_cache._tokenize_into
 
     def slow(out, *a, **k):  # another worker finishes first while we tokenise
         meta = real(out, *a, **k)
@@ -220,7 +221,7 @@ def test_cache_race_loser_uses_winner(corpus, tok_path, tmp_path, monkeypatch):
         os.rename(winner.path, final)
         return meta
 
-    monkeypatch.setattr(data, "_tokenize_into", slow)
+    monkeypatch.setattr(data_cache, "_tokenize_into", slow)
     loser = build_token_cache(corpus, tok_path, tmp_path / "root")
     assert not loser.built and loser.path == tmp_path / "root" / winner.path.name
     assert [p.name for p in (tmp_path / "root").iterdir()] == [winner.path.name]
@@ -233,7 +234,7 @@ def test_stale_temp_dirs_removed(tmp_path):
     live = tmp_path / f".tmp-abc-{socket.gethostname()}-{os.getppid()}-0000abcd"
     stale.mkdir()
     live.mkdir()
-    data._remove_stale_temps(tmp_path, "abc")
+    data_cache._remove_stale_temps(tmp_path, "abc")
     assert not stale.exists() and live.exists()
 
 

@@ -157,7 +157,7 @@ def test_argument_errors(params):
 def test_cli_generate_with_sentencepiece_and_tokenizer_json(tmp_path, run_cli, params):
     import qwenjax.config
     import qwenjax.model
-    from qwenjax.tokenizer import load_tokenizer, train_tokenizer
+    from qwenjax.data.tokenizer import load_tokenizer, train_tokenizer
 
     corpus = [shutil.copy(m.__file__, tmp_path) for m in (qwenjax.config, qwenjax.model)]
     sp_model = train_tokenizer(corpus, tmp_path / "sp" / "tok", 400)

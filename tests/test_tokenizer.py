@@ -8,7 +8,7 @@ import random
 import pytest
 
 from qwenjax.errors import UserError
-from qwenjax.tokenizer import (
+from qwenjax.data.tokenizer import (
     CONTROL_TOKENS,
     EOS_PIECE,
     load_tokenizer,

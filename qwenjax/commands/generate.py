@@ -56,7 +56,7 @@ def load_checkpoint(path: str | Path, dtype: str | None = None):
 
 def run(args: argparse.Namespace) -> int:
     from qwenjax.generate import stream
-    from qwenjax.tokenizer import load_tokenizer
+    from qwenjax.data.tokenizer import load_tokenizer
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

@@ -32,7 +32,7 @@ def register(subparsers) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from qwenjax.data import resolve_files
-    from qwenjax.tokenizer import load_tokenizer, train_tokenizer
+    from qwenjax.data.tokenizer import load_tokenizer, train_tokenizer
 
     if args.vocab_size < 1:
         raise UserError(f"--vocab-size must be positive, got {args.vocab_size}")

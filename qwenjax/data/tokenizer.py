@@ -11,7 +11,7 @@ takes seconds even on the whole Python standard library.
 `load_tokenizer` accepts a sentencepiece `.model` file, or a directory holding either a Hugging
 Face `tokenizer.json` (the real Qwen2.5 tokenizer; needs the `tokenizers` package) or one `*.model`.
 
-Nothing here imports JAX.
+Nothing here imports JAX. Within `qwenjax.data` this module imports only the corpus reader.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import sentencepiece as spm
+
+from qwenjax.data.corpus import iter_documents, resolve_files
 from qwenjax.errors import UserError
 
 EOS_PIECE = "<|endoftext|>"
@@ -67,8 +70,6 @@ class Tokenizer:
 
 class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model_file: Path):
-        import sentencepiece as spm
-
         self.path = Path(model_file)
         try:
             data = self.path.read_bytes()
@@ -111,7 +112,7 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, directory: Path):
         try:
-            from tokenizers import Tokenizer as _HF
+            from tokenizers import Tokenizer as _HF  # local: optional in practice, a clear error if absent
         except ImportError:
             raise UserError(f"{directory} holds a Hugging Face tokenizer.json; reading it needs the "
                             "`tokenizers` package (pip install tokenizers)") from None
@@ -213,8 +214,6 @@ def tokenizer_fingerprint(path: str | os.PathLike) -> str:
 
 def _training_sentences(files: Sequence[Path], max_sentence_length: int) -> Iterator[str]:
     """Multi-line chunks of each document (newlines kept so code layout is learned)."""
-    from qwenjax.data import iter_documents
-
     for _key, text in iter_documents(files):
         lines = text.split("\n")
         for i in range(0, len(lines), _CHUNK_LINES):
@@ -245,10 +244,6 @@ def train_tokenizer(
     `input_sentence_size` training chunks (of up to 8 lines, at most `max_sentence_length` bytes) are
     sampled, so training time is bounded. `<prefix>.model` and `<prefix>.vocab` appear atomically.
     """
-    import sentencepiece as spm
-
-    from qwenjax.data import resolve_files
-
     if isinstance(files, (str, os.PathLike)):
         file_list = resolve_files(files)
     else:

@@ -1,0 +1,114 @@
+"""Preparation: a run config's data section -> tokenizer and token caches, each built once and shared.
+
+`prepare_data(cfg)` resolves every weighted corpus path (the stdlib's code without one), trains a
+tokenizer when none is given (`ensure_tokenizer`, cached and file-locked so concurrent runs train it
+once) and builds one token cache per source. In a multi-process run it checks that every process
+prepared the same data. This is the only data module that imports JAX (for that check), which is why
+`qwenjax/data/__init__.py` does not re-export it: import it as `qwenjax.data.prepare`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from qwenjax.data.cache import TokenCache, build_token_cache
+from qwenjax.data.corpus import default_corpus_files, resolve_files
+from qwenjax.data.tokenizer import train_tokenizer
+from qwenjax.errors import UserError
+from qwenjax.run_config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class DataSetup:
+    """What a run needs from its data: the tokenizer, one token cache per source and their weights."""
+
+    tokenizer_path: Path
+    caches: list[TokenCache]
+    weights: list[float]
+    vocab_size: int
+    eos_id: int
+
+
+def limit_files(files: list[Path], max_bytes: int | None) -> list[Path]:
+    """The first files whose sizes add up to max_bytes (all files without a limit)."""
+    if max_bytes is None:
+        return files
+    out, total = [], 0
+    for f in files:
+        out.append(f)
+        total += f.stat().st_size
+        if total >= max_bytes:
+            break
+    return out
+
+
+def ensure_tokenizer(files: list[Path], vocab_size: int, cache_root: Path) -> Path:
+    """A sentencepiece tokenizer trained once on `files` with `vocab_size`, cached under
+    `cache_root/tokenizers/<key>/` (key: file paths, sizes, mtimes and vocab size), file-locked so that
+    concurrent runs train it once."""
+    entries = [[str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for f in files]
+    key = hashlib.sha256(json.dumps([entries, int(vocab_size)]).encode()).hexdigest()[:20]
+    folder = cache_root / "tokenizers" / key
+    model = folder / "tokenizer.model"
+    if model.is_file():
+        return model
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not model.is_file():
+            log.info("training a %d-token tokenizer on %d files (cached in %s)", vocab_size, len(files),
+                     folder)
+            train_tokenizer(files, folder / "tokenizer", vocab_size)
+    return model
+
+
+def prepare_data(cfg: RunConfig) -> DataSetup:
+    """Resolve the corpus, the tokenizer (trained once if not given) and the token caches (built once)."""
+    d = cfg.data
+    cache_root = d.resolved_cache_dir()
+    sources = []
+    for path, weight in d.weighted_paths():
+        if path is None:
+            files = default_corpus_files(d.max_bytes)
+        else:
+            files = limit_files(resolve_files(path), d.max_bytes)
+        if not files:
+            raise UserError(f"data path {path} holds no files")
+        sources.append((path, files, weight))
+    if d.tokenizer:
+        tok_path = Path(d.tokenizer).expanduser()
+    else:
+        all_files = list(dict.fromkeys(f for _, files, _ in sources for f in files))
+        tok_path = ensure_tokenizer(all_files, d.vocab_size, cache_root)
+    caches = []
+    for path, files, _ in sources:
+        cache = build_token_cache(files, tok_path, cache_root / "tokens", heldout_fraction=d.heldout_fraction,
+                                  max_bytes=d.max_bytes)
+        if len(cache.train_tokens) == 0:
+            raise UserError(f"the corpus {path or 'stdlib'} holds no text (0 training tokens)")
+        caches.append(cache)
+    assert_same_everywhere(caches[0].tokenizer_fingerprint + "".join(c.key for c in caches),
+                           "tokenizer / token cache")
+    return DataSetup(tok_path, caches, [w for _, _, w in sources], caches[0].vocab_size, caches[0].eos_id)
+
+
+def assert_same_everywhere(text: str, what: str) -> None:
+    """Multi-process: every process must have tokenised the data identically."""
+    if jax.process_count() == 1:
+        return
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:16], dtype=np.uint32)
+    first = multihost_utils.broadcast_one_to_all(digest)
+    if not np.array_equal(np.asarray(first), digest):
+        raise UserError(f"the {what} differs between processes; give data.tokenizer explicitly and "
+                        "put data.cache_dir on a shared filesystem")
