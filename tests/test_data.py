@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import math
@@ -17,9 +18,12 @@ import pytest
 import qwenjax.data as data
 import qwenjax.data.cache as data_cache
 from qwenjax.data import (
+    BATCH_DTYPES,
     BATCH_KEYS,
+    batch_shapes,
     build_token_cache,
     cache_key,
+    check_batch,
     default_corpus_files,
     iter_documents,
     make_eval_batches,
@@ -28,8 +32,8 @@ from qwenjax.data import (
     resolve_files,
     stdlib_corpus,
 )
-from qwenjax.errors import UserError
 from qwenjax.data.tokenizer import load_tokenizer, train_tokenizer
+from qwenjax.errors import UserError
 
 WORDS = ["value", "index", "result", "name", "items", "count", "total", "data", "self", "config", "path"]
 
@@ -249,6 +253,13 @@ def test_corrupt_cache_is_user_error(cache, tmp_path):
     (broken / "meta.json").unlink()
     with pytest.raises(UserError, match="incomplete"):
         data.TokenCache(broken)
+    shutil.rmtree(broken)
+    shutil.copytree(cache.path, broken)
+    meta = json.loads((broken / "meta.json").read_text())
+    del meta["eos_id"]
+    (broken / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="incomplete meta.json"):
+        data.TokenCache(broken)
 
 
 def test_unigram_entropy(cache):
@@ -273,9 +284,38 @@ def test_pack_windows_rule():
     np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 0, 1, 0, 0, 1]])
     np.testing.assert_array_equal(b["loss_mask"], [[1, 1, 0, 1, 0, 0, 1, 1]])
     assert b["loss_mask"].dtype == np.float32 and b["inputs"].dtype == np.int32
+    check_batch(b, 1, 8)
+
+
+def test_batch_schema():
+    assert BATCH_KEYS == ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+    assert batch_shapes(4, 16) == {k: ((4, 16), dt) for k, dt in BATCH_DTYPES.items()}
+    one_doc = pack_windows(np.arange(18).reshape(2, 9), None)  # eos_id None: each row is one document
+    check_batch(one_doc, 2, 8)
+    np.testing.assert_array_equal(one_doc["segment_ids"], np.ones((2, 8)))
+    np.testing.assert_array_equal(one_doc["positions"], np.tile(np.arange(8), (2, 1)))
+    np.testing.assert_array_equal(one_doc["loss_mask"], np.ones((2, 8)))
+    with pytest.raises(ValueError, match="expected int32"):
+        check_batch({**one_doc, "positions": one_doc["positions"].astype(np.int64)})
+    with pytest.raises(ValueError, match=r"expected int32\[3, 8\]"):
+        check_batch(one_doc, rows=3)
+    with pytest.raises(ValueError, match="keys"):
+        check_batch({k: v for k, v in one_doc.items() if k != "loss_mask"})
+
+
+def test_data_package_layers():
+    """`import qwenjax.data` stays JAX-free, and the tokenizer imports only the corpus stage."""
+    code = "import sys, qwenjax.data; print(sorted({'jax', 'grain'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    tree = ast.parse(open(data.tokenizer.__file__).read())
+    internal = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                and n.module and n.module.startswith("qwenjax.data")}
+    assert internal == {"qwenjax.data.corpus"}
 
 
 def _check_batch(b, cache, seq_len, rows):
+    check_batch(b, rows, seq_len)
     assert set(b) == set(BATCH_KEYS)
     for k in BATCH_KEYS:
         assert b[k].shape == (rows, seq_len)

@@ -7,7 +7,6 @@ import random
 
 import pytest
 
-from qwenjax.errors import UserError
 from qwenjax.data.tokenizer import (
     CONTROL_TOKENS,
     EOS_PIECE,
@@ -15,6 +14,7 @@ from qwenjax.data.tokenizer import (
     tokenizer_fingerprint,
     train_tokenizer,
 )
+from qwenjax.errors import UserError
 
 WORDS = ["value", "index", "result", "name", "items", "count", "total", "data", "self", "config", "path"]
 

@@ -55,8 +55,8 @@ def load_checkpoint(path: str | Path, dtype: str | None = None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from qwenjax.generate import stream
     from qwenjax.data.tokenizer import load_tokenizer
+    from qwenjax.generate import stream
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

@@ -101,6 +101,13 @@ class TokenCache:
                                 "delete that folder")
             self._arrays[split] = arr
         self._entropy: dict[str, float] = {}
+        try:
+            self.vocab_size = int(self.meta["vocab_size"])
+            self.eos_id = int(self.meta["eos_id"])
+            self.key = str(self.meta["key"])
+            self.tokenizer_fingerprint = str(self.meta["tokenizer_fingerprint"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"token cache {self.path} has an incomplete meta.json; delete that folder") from None
 
     @property
     def train_tokens(self) -> np.ndarray:
@@ -114,22 +121,6 @@ class TokenCache:
         if split not in self._arrays:
             raise UserError(f"unknown split {split!r}; expected 'train' or 'heldout'")
         return self._arrays[split]
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.meta["vocab_size"])
-
-    @property
-    def eos_id(self) -> int:
-        return int(self.meta["eos_id"])
-
-    @property
-    def key(self) -> str:
-        return str(self.meta["key"])
-
-    @property
-    def tokenizer_fingerprint(self) -> str:
-        return str(self.meta["tokenizer_fingerprint"])
 
     def num_windows(self, seq_len: int, split: str = "train") -> int:
         """How many `seq_len + 1`-token windows (stride `seq_len`) the split holds."""

@@ -35,6 +35,16 @@ CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 #: <unk> + control tokens + 256 bytes + 64 learned pieces.
 MIN_VOCAB_SIZE = 1 + len(CONTROL_TOKENS) + 256 + 64
 
+#: The fixed sentencepiece options (see the module doc): BPE with byte fallback, the control tokens as
+#: user-defined symbols, no bos/eos/pad pieces, text kept verbatim, digits split, input sampled.
+_TRAINER_OPTIONS = {
+    "model_type": "bpe", "byte_fallback": True, "user_defined_symbols": list(CONTROL_TOKENS),
+    "unk_id": 0, "bos_id": -1, "eos_id": -1, "pad_id": -1,
+    "normalization_rule_name": "identity", "remove_extra_whitespaces": False, "add_dummy_prefix": False,
+    "allow_whitespace_only_pieces": True, "split_digits": True, "shuffle_input_sentence": True,
+    "minloglevel": 2,
+}
+
 #: Training sentences are chunks of at most this many lines of a document (newlines kept).
 _CHUNK_LINES = 8
 
@@ -275,27 +285,9 @@ def train_tokenizer(
     spm.set_random_generator_seed(int(seed))  # the input-sentence sampling
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_all(),
-            model_prefix=str(tmp_prefix),
-            model_type="bpe",
-            vocab_size=vocab_size,
-            byte_fallback=True,
-            user_defined_symbols=list(CONTROL_TOKENS),
-            unk_id=0,
-            bos_id=-1,
-            eos_id=-1,
-            pad_id=-1,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            allow_whitespace_only_pieces=True,
-            split_digits=True,
-            max_sentence_length=max_sentence_length,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
-            character_coverage=character_coverage,
-            num_threads=_num_threads(),
-            minloglevel=2,
+            sentence_iterator=_all(), model_prefix=str(tmp_prefix), vocab_size=vocab_size,
+            max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
+            character_coverage=character_coverage, num_threads=_num_threads(), **_TRAINER_OPTIONS,
         )
         for ext in (".vocab", ".model"):  # .model last: its presence means the pair is complete
             os.replace(f"{tmp_prefix}{ext}", f"{prefix}{ext}")
