@@ -63,7 +63,7 @@ def check_batch(batch: Mapping[str, Any], rows: int | None = None, seq_len: int 
 
 
 def pack_windows(windows: np.ndarray, eos_id: int | None) -> Batch:
-    """`[rows, seq_len + 1]` token windows -> a `Batch`, the only place batches are made.
+    """`[rows, seq_len + 1]` token windows -> a `Batch`: every training and eval batch is made here.
 
     inputs = w[:, :-1], targets = w[:, 1:]; segment_ids start at 1 in each row and go up by one
     after each eos in `inputs`; positions restart at 0 at the row start and after each eos;
