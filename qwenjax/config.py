@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -169,8 +170,6 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 def load_hf_config(path) -> ModelConfig:
     """Read a HF `config.json` (file or checkpoint directory) with one clear error per problem."""
-    import pathlib
-
     p = pathlib.Path(path)
     if p.is_dir():
         p = p / "config.json"
@@ -183,6 +182,22 @@ def load_hf_config(path) -> ModelConfig:
     if not isinstance(d, dict):
         raise UserError(f"malformed config.json at {p}: expected a JSON object")
     return ModelConfig.from_hf_dict(d)
+
+
+def param_counts(config: ModelConfig) -> tuple[int, int]:
+    """(total, non-embedding) parameter counts, from the shapes alone: equal to `qwenjax.model.count_params`
+    (tested over every preset), but without JAX, so `qwenjax.scaling` can take N from a preset.
+
+    Per layer: q/k/v projections with biases, o_proj without, the gated MLP and two RMSNorm weights;
+    non-embedding adds the final norm; total adds the embedding and, when untied, the lm_head.
+    """
+    h, hd = config.hidden_size, config.resolved_head_dim
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    attention = (h + 1) * (q + 2 * kv) + q * h
+    per_layer = attention + 3 * h * config.intermediate_size + 2 * h
+    non_embedding = config.num_hidden_layers * per_layer + h
+    embedding = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    return non_embedding + embedding, non_embedding
 
 
 def flops_per_token(config: ModelConfig, seq_len: int, *, training: bool = True) -> float:

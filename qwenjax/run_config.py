@@ -13,8 +13,8 @@ Units: `train.batch_size` is the GLOBAL batch in sequences; tokens of a run D = 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,199 +26,27 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from qwenjax.config import ModelConfig, preset
 from qwenjax.errors import UserError
+from qwenjax.run_sections import (
+    DECAY_SHAPES,
+    SCHEDULES,
+    CheckpointSection,
+    DataSection,
+    EvalSection,
+    MeshSection,
+    ModelSection,
+    OptimSection,
+    SourceSpec,
+    TrainSection,
+    did_you_mean,
+    positive,
+)
 
-SCHEDULES = ("cosine", "wsd", "constant")
-DECAY_SHAPES = ("linear", "1-sqrt")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Sections. Defaults are the design doc's sweep defaults (AdamW 0.9/0.95/1e-8, wd 0.1, clip 1.0).
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSection:
-    """`preset` (e.g. `qwen2.5-0.5b`) and/or any `ModelConfig` field; None = from the preset, else the
-    ModelConfig default. `vocab_size` None without a preset = the tokenizer's vocabulary size.
-    `init_from`: a params checkpoint directory (model_io format) to start from instead of a fresh init."""
-
-    preset: str | None = None
-    vocab_size: int | None = None
-    hidden_size: int | None = None
-    intermediate_size: int | None = None
-    num_hidden_layers: int | None = None
-    num_attention_heads: int | None = None
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
-    max_position_embeddings: int | None = None
-    rope_theta: float | None = None
-    rope_scaling: dict[str, Any] | None = None
-    rms_norm_eps: float | None = None
-    tie_word_embeddings: bool | None = None
-    use_sliding_window: bool | None = None
-    sliding_window: int | None = None
-    max_window_layers: int | None = None
-    initializer_range: float | None = None
-    dtype: str | None = None
-    param_dtype: str | None = None
-    init_from: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainSection:
-    steps: int = 1000
-    batch_size: int = 32  # global, in sequences
-    seq_len: int = 512
-    grad_accum: int = 1  # micro-batches per step (each batch_size // grad_accum sequences)
-    log_every: int = 10
-    divergence_factor: float = 2.0  # loss above this multiple of the first step's loss = diverged
-
-    def __post_init__(self):
-        _positive("train.steps", self.steps)
-        _positive("train.batch_size", self.batch_size)
-        _positive("train.seq_len", self.seq_len)
-        _positive("train.grad_accum", self.grad_accum)
-        _positive("train.log_every", self.log_every)
-        if not self.divergence_factor > 1:
-            raise UserError(f"train.divergence_factor must be > 1, got {self.divergence_factor!r}")
-        if self.batch_size % self.grad_accum:
-            raise UserError(f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum "
-                            f"({self.grad_accum})")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimSection:
-    lr: float = 3e-4  # peak learning rate
-    schedule: str = "cosine"  # cosine | wsd | constant (after linear warmup)
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio x lr
-    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays to the floor
-    decay_shape: str = "linear"  # wsd: linear | 1-sqrt (Hägele et al. 2024)
-    weight_decay: float = 0.1  # decoupled (AdamW): param -= lr x wd x param
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    clip_norm: float = 1.0  # global-norm clipping; 0 = off
-    z_loss: float = 0.0  # coefficient of logsumexp(logits)^2
-    decay_embeddings: bool = False  # norms and biases are never decayed
-
-    def __post_init__(self):
-        if not self.lr > 0:
-            raise UserError(f"optim.lr must be positive, got {self.lr!r}")
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
-                            + _did_you_mean(self.schedule, SCHEDULES))
-        if self.decay_shape not in DECAY_SHAPES:
-            raise UserError(f"optim.decay_shape must be one of {', '.join(DECAY_SHAPES)}, got "
-                            f"{self.decay_shape!r}" + _did_you_mean(self.decay_shape, DECAY_SHAPES))
-        if self.warmup_steps < 0:
-            raise UserError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps!r}")
-        for name in ("min_lr_ratio", "decay_fraction", "b1", "b2"):
-            value = getattr(self, name)
-            if not 0 <= value <= 1:
-                raise UserError(f"optim.{name} must be in [0, 1], got {value!r}")
-        for name in ("weight_decay", "clip_norm", "z_loss"):
-            if getattr(self, name) < 0:
-                raise UserError(f"optim.{name} must be >= 0, got {getattr(self, name)!r}")
-        if not self.eps > 0:
-            raise UserError(f"optim.eps must be positive, got {self.eps!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshSection:
-    """Device mesh sizes; -1 (at most one axis) = all remaining devices."""
-
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
-
-    def __post_init__(self):
-        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
-        for name, value in sizes.items():
-            if value == 0 or value < -1:
-                raise UserError(f"mesh.{name} must be a positive integer or -1 (= the rest), got {value!r}")
-        if list(sizes.values()).count(-1) > 1:
-            raise UserError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointSection:
-    every_steps: int = 1000  # 0 = only at the end
-    keep: int = 2
-    enabled: bool = True  # false: no checkpoints at all (the run cannot resume)
-
-    def __post_init__(self):
-        if self.every_steps < 0:
-            raise UserError(f"checkpoint.every_steps must be >= 0, got {self.every_steps!r}")
-        _positive("checkpoint.keep", self.keep)
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceSpec:
-    path: str = ""
-    weight: float = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSection:
-    """`path` (a file, glob or folder; None = the Python standard library) or `sources` (weighted mix)."""
-
-    path: str | None = None
-    sources: list[SourceSpec] | None = None
-    tokenizer: str | None = None  # a sentencepiece .model (or HF tokenizer dir); None = train one
-    vocab_size: int = 2048  # of the tokenizer trained when `tokenizer` is None
-    cache_dir: str | None = None  # None = $QWENJAX_CACHE or ~/.cache/qwenjax
-    heldout_fraction: float = 0.01
-    max_bytes: int | None = None  # read at most this many bytes of the corpus
-
-    def __post_init__(self):
-        if self.sources is not None:
-            object.__setattr__(self, "sources", tuple(
-                s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in self.sources))
-            if not self.sources:
-                raise UserError("data.sources must not be empty (or leave it null and use data.path)")
-            if self.path is not None:
-                raise UserError("give data.path or data.sources, not both")
-            for i, s in enumerate(self.sources):
-                if not s.path:
-                    raise UserError(f"data.sources[{i}].path is empty")
-                if not s.weight > 0:
-                    raise UserError(f"data.sources[{i}].weight must be positive, got {s.weight!r}")
-        _positive("data.vocab_size", self.vocab_size)
-        if not 0 < self.heldout_fraction < 1:
-            raise UserError(f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
-        if self.max_bytes is not None:
-            _positive("data.max_bytes", self.max_bytes)
-
-    def resolved_cache_dir(self) -> Path:
-        if self.cache_dir:
-            return Path(self.cache_dir).expanduser()
-        return Path(os.environ.get("QWENJAX_CACHE") or Path.home() / ".cache" / "qwenjax").expanduser()
-
-    def weighted_paths(self) -> list[tuple[str | None, float]]:
-        """[(path, weight)]; a single `path` (or the default corpus, None) has weight 1."""
-        if self.sources:
-            return [(s.path, float(s.weight)) for s in self.sources]
-        return [(self.path, 1.0)]
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSection:
-    every_steps: int = 0  # 0 = only at the end
-    batches: int = 8  # held-out batches of train.batch_size sequences (when `sequences` is 0)
-    # > 0: evaluate on this many held-out sequences whatever the batch size, so runs of one sweep that differ
-    # in batch size are judged on the same text (rounded up to whole eval batches)
-    sequences: int = 0
-
-    def __post_init__(self):
-        if self.every_steps < 0:
-            raise UserError(f"eval.every_steps must be >= 0, got {self.every_steps!r}")
-        _positive("eval.batches", self.batches)
-        if self.sequences < 0:
-            raise UserError(f"eval.sequences must be >= 0, got {self.sequences!r}")
-
-    def num_batches(self, batch_size: int) -> int:
-        """Eval batches of `batch_size` sequences: `batches`, or enough to cover `sequences`."""
-        return -(-self.sequences // batch_size) if self.sequences else self.batches
+__all__ = [
+    "DECAY_SHAPES", "MISSING", "SCHEDULES", "CheckpointSection", "DataSection", "EvalSection", "MeshSection",
+    "ModelSection", "OptimSection", "RunConfig", "SourceSpec", "TrainSection", "all_keys", "atomic_write_text",
+    "config_from_dict", "config_to_dict", "data_parallel_size", "did_you_mean", "load_config", "missing_keys",
+    "model_config", "parse_overrides", "planned_tokens", "positive", "run_dir", "save_config",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,16 +86,6 @@ class RunConfig:
 # Helpers
 
 
-def _positive(key: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{key} must be a positive integer, got {value!r}")
-
-
-def _did_you_mean(word: str, candidates) -> str:
-    close = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def data_parallel_size(mesh: MeshSection) -> int | None:
     """mesh.data x mesh.fsdp (the axes the batch is split over), or None while one of them is -1."""
     if mesh.data == -1 or mesh.fsdp == -1:
@@ -304,7 +122,7 @@ def _check_keys(tree: Mapping, where: str, prefix: str = "") -> None:
             _check_keys(value, where, dotted + ".")
             continue
         short = [k for k in known if k.rsplit(".", 1)[-1] == str(key)]
-        hint = f" (did you mean {short[0]!r}?)" if short else _did_you_mean(dotted, known)
+        hint = f" (did you mean {short[0]!r}?)" if short else did_you_mean(dotted, known)
         raise UserError(f"unknown config key {dotted!r}{where}{hint}")
 
 
@@ -322,7 +140,8 @@ def _expected_type(dotted: str) -> str:
         if field.default_factory is not dataclasses.MISSING:
             cls = type(field.default_factory())
             continue
-        tp = eval(field.type, globals()) if isinstance(field.type, str) else field.type  # noqa: S307
+        namespace = vars(sys.modules[cls.__module__])  # the section's module (run_sections or this one)
+        tp = eval(field.type, namespace) if isinstance(field.type, str) else field.type  # noqa: S307
         args = [a for a in getattr(tp, "__args__", (tp,)) if a is not type(None)]
         word = _TYPE_WORDS.get(args[0]) if args else None
         if word is None:
@@ -334,7 +153,7 @@ def _expected_type(dotted: str) -> str:
 def _user_error(e: OmegaConfBaseException, where: str) -> UserError:
     key = getattr(e, "full_key", "") or ""
     if isinstance(e, ConfigKeyError):
-        return UserError(f"unknown config key {key!r}{where}" + _did_you_mean(key, all_keys()))
+        return UserError(f"unknown config key {key!r}{where}" + did_you_mean(key, all_keys()))
     if isinstance(e, ValidationError):
         value = getattr(e, "value", None)
         shown = f", got {value!r}" if value is not None else ""
@@ -423,8 +242,9 @@ def load_config(path: str | os.PathLike | None,
                 overrides: Sequence[str] | Mapping[str, Any] = ()) -> RunConfig:
     """Typed defaults <- YAML at `path` (and its `base:` chain) <- dotted overrides, validated.
 
-    `overrides`: `["optim.lr=1e-3", "train.steps=100"]` (values parsed as YAML) or a mapping of dotted keys
-    to Python values. Raises UserError with one line per problem.
+    `overrides`: `["optim.lr=1e-3", "train.steps=100"]` (values parsed as YAML), a mapping of dotted keys
+    to Python values, or the tree `parse_overrides` already returned (so a caller that also reads the
+    overrides parses them once). Raises UserError with one line per problem.
     """
     schema = OmegaConf.structured(RunConfig)
     OmegaConf.set_readonly(schema, False)

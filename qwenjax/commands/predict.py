@@ -29,11 +29,14 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from qwenjax.scaling import load_fit, predict, preset_n_params
+    # imported on use: the fitter (numpy, scipy, matplotlib) would slow every other command's start-up
+    from qwenjax.config import preset
+    from qwenjax.hparams import predict_hparams
+    from qwenjax.scaling import load_fit
 
-    fit = load_fit(args.fit)
-    n_params = preset_n_params(args.preset) if args.preset else args.params
-    result = predict(fit, n_params, args.tokens, seq_len=args.seq_len, multiple_of=args.multiple_of)
+    fit = load_fit(args.fit)  # before the preset: a bad fit file is reported first
+    model = preset(args.preset) if args.preset else args.params
+    result = predict_hparams(fit, model, args.tokens, seq_len=args.seq_len, multiple_of=args.multiple_of)
     if args.preset:
         result = {"preset": args.preset, **result}
     print(json.dumps(result))

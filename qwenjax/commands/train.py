@@ -47,24 +47,21 @@ def _setup_logging() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # imported on use (here and below): keeps every command's start-up free of OmegaConf, JAX and the fitter
     from qwenjax.run_config import load_config, parse_overrides
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         config, overrides = None, [config, *overrides]  # `qwenjax train train.steps=10` (no YAML)
-    cfg = load_config(config, overrides)
+    override_tree = parse_overrides(overrides)  # parsed once: the config and --hparams both read the tree
+    cfg = load_config(config, override_tree)
     _setup_logging()
     log = logging.getLogger("qwenjax.train")
-    from qwenjax.train import apply_hparams, train
+    from qwenjax.hparams import apply_hparams, explicit_overrides  # after the config: bad input fails fast
+    from qwenjax.train import train
 
     if args.hparams:
-        explicit = {}
-        flat_tree = parse_overrides(overrides)
-        for key in ("optim.lr", "train.batch_size", "train.steps"):
-            section, name = key.split(".")
-            if name in flat_tree.get(section, {}):
-                explicit[key] = flat_tree[section][name]
-        cfg, notes = apply_hparams(cfg, args.hparams, explicit)
+        cfg, notes = apply_hparams(cfg, args.hparams, explicit_overrides(override_tree))
         for note in notes:
             log.info("%s", note)
     summary = train(cfg)

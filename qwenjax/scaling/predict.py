@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
 
+from qwenjax.config import param_counts, preset
 from qwenjax.errors import UserError
 from qwenjax.scaling.hparams import evaluate_law
 from qwenjax.scaling.loss_law import evaluate_loss_law
-from qwenjax.scaling.units import format_count, parse_count
+from qwenjax.scaling.units import batch_sequences, format_count, parse_count
 
 #: The seven Qwen2.5 dense sizes and their pretraining budget (Qwen2.5 report: 18T tokens).
 QWEN25_PRESETS = (
@@ -25,13 +25,9 @@ QWEN25_PRESETS = (
 QWEN25_TOKENS = 18e12
 
 
-@functools.cache
 def preset_n_params(name: str) -> float:
-    """Non-embedding parameter count N of a model preset (imports the model lazily: it pulls in JAX)."""
-    from qwenjax.config import preset
-    from qwenjax.model import count_params
-
-    return float(count_params(preset(name))[1])
+    """Non-embedding parameter count N of a model preset (counted from its shapes: no JAX)."""
+    return float(param_counts(preset(name))[1])
 
 
 def _check_positive_int(value, flag: str) -> None:
@@ -86,7 +82,7 @@ def predict(fit: dict, n_params, tokens, seq_len: int | None = None, multiple_of
         "batch_size": None,
     }
     if seq_len is not None:
-        out["batch_size"] = int(max(1, round(float(batch) / seq_len / multiple_of)) * multiple_of)
+        out["batch_size"] = batch_sequences(float(batch), seq_len, multiple_of)
     if fit.get("loss_law"):
         loss, loss_ci = evaluate_loss_law(fit["loss_law"], n, d)
         out["loss"], out["loss_ci"] = _sig(float(loss)), [_sig(float(v)) for v in loss_ci]

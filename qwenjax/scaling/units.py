@@ -1,4 +1,5 @@
-"""Human-readable counts ("494M", "18T") for parameters and tokens, parsed in one place.
+"""Human-readable counts ("494M", "18T") for parameters and tokens, parsed in one place, and the one
+conversion of a batch in tokens to sequences.
 
 Suffixes are decimal (k = 1e3, M = 1e6, B or G = 1e9, T = 1e12), as model and token counts are quoted.
 """
@@ -47,3 +48,13 @@ def format_count(value: float) -> str:
         if value >= scale:
             return f"{value / scale:.3g}{suffix}"
     return f"{value:.3g}"
+
+
+def batch_sequences(batch_tokens: float, seq_len: int, multiple_of: int = 1, *, exact: bool = False):
+    """Sequences in a batch of `batch_tokens` tokens: rounded to the nearest positive multiple of `multiple_of`
+    (the data-parallel size the mesh must split), or with `exact` the plain ratio (a float, for grids that
+    snap it to their own lattice). Lives here, the lowest layer that needs it; `qwenjax.hparams` exports it."""
+    sequences = batch_tokens / seq_len
+    if exact:
+        return sequences
+    return int(max(1, round(sequences / multiple_of)) * multiple_of)

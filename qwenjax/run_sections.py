@@ -1,0 +1,219 @@
+"""The sections of a run config (`model`, `train`, `optim`, ...): typed defaults, each validated on construction.
+
+Split from `qwenjax.run_config` (which assembles them into `RunConfig` and loads YAML and overrides) so that each
+file holds one concept; `qwenjax.run_config` re-exports every name here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+from qwenjax.errors import UserError
+
+SCHEDULES = ("cosine", "wsd", "constant")
+DECAY_SHAPES = ("linear", "1-sqrt")
+
+
+# Defaults are the design doc's sweep defaults (AdamW 0.9/0.95/1e-8, wd 0.1, clip 1.0).
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """`preset` (e.g. `qwen2.5-0.5b`) and/or any `ModelConfig` field; None = from the preset, else the
+    ModelConfig default. `vocab_size` None without a preset = the tokenizer's vocabulary size.
+    `init_from`: a params checkpoint directory (model_io format) to start from instead of a fresh init."""
+
+    preset: str | None = None
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int | None = None
+    rope_theta: float | None = None
+    rope_scaling: dict[str, Any] | None = None
+    rms_norm_eps: float | None = None
+    tie_word_embeddings: bool | None = None
+    use_sliding_window: bool | None = None
+    sliding_window: int | None = None
+    max_window_layers: int | None = None
+    initializer_range: float | None = None
+    dtype: str | None = None
+    param_dtype: str | None = None
+    init_from: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    steps: int = 1000
+    batch_size: int = 32  # global, in sequences
+    seq_len: int = 512
+    grad_accum: int = 1  # micro-batches per step (each batch_size // grad_accum sequences)
+    log_every: int = 10
+    divergence_factor: float = 2.0  # loss above this multiple of the first step's loss = diverged
+
+    def __post_init__(self):
+        positive("train.steps", self.steps)
+        positive("train.batch_size", self.batch_size)
+        positive("train.seq_len", self.seq_len)
+        positive("train.grad_accum", self.grad_accum)
+        positive("train.log_every", self.log_every)
+        if not self.divergence_factor > 1:
+            raise UserError(f"train.divergence_factor must be > 1, got {self.divergence_factor!r}")
+        if self.batch_size % self.grad_accum:
+            raise UserError(f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum "
+                            f"({self.grad_accum})")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    lr: float = 3e-4  # peak learning rate
+    schedule: str = "cosine"  # cosine | wsd | constant (after linear warmup)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio x lr
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays to the floor
+    decay_shape: str = "linear"  # wsd: linear | 1-sqrt (Hägele et al. 2024)
+    weight_decay: float = 0.1  # decoupled (AdamW): param -= lr x wd x param
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # global-norm clipping; 0 = off
+    z_loss: float = 0.0  # coefficient of logsumexp(logits)^2
+    decay_embeddings: bool = False  # norms and biases are never decayed
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise UserError(f"optim.lr must be positive, got {self.lr!r}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+                            + did_you_mean(self.schedule, SCHEDULES))
+        if self.decay_shape not in DECAY_SHAPES:
+            raise UserError(f"optim.decay_shape must be one of {', '.join(DECAY_SHAPES)}, got "
+                            f"{self.decay_shape!r}" + did_you_mean(self.decay_shape, DECAY_SHAPES))
+        if self.warmup_steps < 0:
+            raise UserError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        for name in ("min_lr_ratio", "decay_fraction", "b1", "b2"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise UserError(f"optim.{name} must be in [0, 1], got {value!r}")
+        for name in ("weight_decay", "clip_norm", "z_loss"):
+            if getattr(self, name) < 0:
+                raise UserError(f"optim.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.eps > 0:
+            raise UserError(f"optim.eps must be positive, got {self.eps!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """Device mesh sizes; -1 (at most one axis) = all remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for name, value in sizes.items():
+            if value == 0 or value < -1:
+                raise UserError(f"mesh.{name} must be a positive integer or -1 (= the rest), got {value!r}")
+        if list(sizes.values()).count(-1) > 1:
+            raise UserError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every_steps: int = 1000  # 0 = only at the end
+    keep: int = 2
+    enabled: bool = True  # false: no checkpoints at all (the run cannot resume)
+
+    def __post_init__(self):
+        if self.every_steps < 0:
+            raise UserError(f"checkpoint.every_steps must be >= 0, got {self.every_steps!r}")
+        positive("checkpoint.keep", self.keep)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """`path` (a file, glob or folder; None = the Python standard library) or `sources` (weighted mix)."""
+
+    path: str | None = None
+    sources: list[SourceSpec] | None = None
+    tokenizer: str | None = None  # a sentencepiece .model (or HF tokenizer dir); None = train one
+    vocab_size: int = 2048  # of the tokenizer trained when `tokenizer` is None
+    cache_dir: str | None = None  # None = $QWENJAX_CACHE or ~/.cache/qwenjax
+    heldout_fraction: float = 0.01
+    max_bytes: int | None = None  # read at most this many bytes of the corpus
+
+    def __post_init__(self):
+        if self.sources is not None:
+            object.__setattr__(self, "sources", tuple(
+                s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in self.sources))
+            if not self.sources:
+                raise UserError("data.sources must not be empty (or leave it null and use data.path)")
+            if self.path is not None:
+                raise UserError("give data.path or data.sources, not both")
+            for i, s in enumerate(self.sources):
+                if not s.path:
+                    raise UserError(f"data.sources[{i}].path is empty")
+                if not s.weight > 0:
+                    raise UserError(f"data.sources[{i}].weight must be positive, got {s.weight!r}")
+        positive("data.vocab_size", self.vocab_size)
+        if not 0 < self.heldout_fraction < 1:
+            raise UserError(f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
+        if self.max_bytes is not None:
+            positive("data.max_bytes", self.max_bytes)
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        return Path(os.environ.get("QWENJAX_CACHE") or Path.home() / ".cache" / "qwenjax").expanduser()
+
+    def weighted_paths(self) -> list[tuple[str | None, float]]:
+        """[(path, weight)]; a single `path` (or the default corpus, None) has weight 1."""
+        if self.sources:
+            return [(s.path, float(s.weight)) for s in self.sources]
+        return [(self.path, 1.0)]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    every_steps: int = 0  # 0 = only at the end
+    batches: int = 8  # held-out batches of train.batch_size sequences (when `sequences` is 0)
+    # > 0: evaluate on this many held-out sequences whatever the batch size, so runs of one sweep that differ
+    # in batch size are judged on the same text (rounded up to whole eval batches)
+    sequences: int = 0
+
+    def __post_init__(self):
+        if self.every_steps < 0:
+            raise UserError(f"eval.every_steps must be >= 0, got {self.every_steps!r}")
+        positive("eval.batches", self.batches)
+        if self.sequences < 0:
+            raise UserError(f"eval.sequences must be >= 0, got {self.sequences!r}")
+
+    def num_batches(self, batch_size: int) -> int:
+        """Eval batches of `batch_size` sequences: `batches`, or enough to cover `sequences`."""
+        return -(-self.sequences // batch_size) if self.sequences else self.batches
+
+
+def positive(key: str, value) -> None:
+    """UserError unless `value` is an int >= 1 (bool excluded)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{key} must be a positive integer, got {value!r}")
+
+
+def did_you_mean(word: str, candidates) -> str:
+    """' (did you mean ...?)' for the closest candidate, or ''."""
+    close = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
