@@ -6,6 +6,9 @@ N query heads, K kv heads, R = N // K (query heads per kv head), H head_dim.
 The modules hold parameters under HF-like names; the functional entry points below (`init_params`,
 `apply`, `logits`, `count_params`) work on a plain nested dict of arrays so that jit, vmap (LR populations),
 sharding and checkpoints see an ordinary pytree.
+
+The attention kernel (qwenjax.attention) is a runtime choice, `attention_impl`, passed at call time: it is not a
+property of the checkpoint, so it stays out of ModelConfig and HF's config.json.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwenjax.attention import attend
 from qwenjax.config import ModelConfig
 from qwenjax.rope import apply_rope, rope_cos_sin
 
@@ -78,17 +82,19 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention: bias on q/k/v, none on o; query head n uses kv head n // R."""
+    """Grouped-query attention: bias on q/k/v, none on o; query head n uses kv head n // R. `window`: on
+    sliding-window layers, a query sees only the last `window` key slots (None = all)."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, window: int | None, rngs: nnx.Rngs):
         D, H = config.hidden_size, config.resolved_head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, H
+        self.window = window
         self.q_proj = Linear(D, self.num_heads * H, bias=True, config=config, rngs=rngs)
         self.k_proj = Linear(D, self.num_kv_heads * H, bias=True, config=config, rngs=rngs)
         self.v_proj = Linear(D, self.num_kv_heads * H, bias=True, config=config, rngs=rngs)
         self.o_proj = Linear(self.num_heads * H, D, bias=False, config=config, rngs=rngs)
 
-    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, cache_index=None):
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, attention_impl, kv_cache=None, cache_index=None):
         B, T, _ = x_BTD.shape
         N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
         q_BTNH = apply_rope(self.q_proj(x_BTD).reshape(B, T, N, H), cos_BTH, sin_BTH)
@@ -100,34 +106,9 @@ class Attention(nnx.Module):
             kv_cache = (k_BSKH, v_BSKH)
         else:
             k_BSKH, v_BSKH = k_BTKH, v_BTKH
-        causal = kv_cache is None  # training/prefill: keys beyond a query block are all masked
-        out_BTNH = attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), mask_BTS, causal)
+        out_BTNH = attend(q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), impl=attention_impl,
+                          segment_ids_BT=segment_ids_BT, window=self.window, q_offset=cache_index)
         return self.o_proj(out_BTNH.reshape(B, T, N * H)), kv_cache
-
-
-def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, causal: bool):
-    """softmax(q k^T / sqrt(H) + mask) v with HF's numerics (scores in the compute dtype, softmax in float32).
-
-    With `causal`, queries are processed in blocks and each block only sees keys up to its own end, so the
-    masked upper triangle is never computed: about half the work, and 3x faster than one dense einsum on
-    CPU (measured at T=512). Decoding over a cache attends to the whole cache in one block.
-    """
-    B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
-    q_BTKRH = q_BTNH.reshape(B, T, K, N // K, H)
-    block = max(64, -(-T // 16)) if causal else T
-    outs = []
-    for start in range(0, T, block):
-        end = min(start + block, T)
-        kv_end = end if causal else k_BSKH.shape[1]
-        scores_BKRtS = jnp.einsum("btkrh,bskh->bkrts", q_BTKRH[:, start:end], k_BSKH[:, :kv_end])
-        scores_BKRtS = (scores_BKRtS.astype(jnp.float32) * H**-0.5).astype(q_BTNH.dtype)  # scale unrounded
-        mask_BtS = mask_BTS[:, start:end, :kv_end]
-        scores_BKRtS = jnp.where(mask_BtS[:, None, None], scores_BKRtS, jnp.finfo(scores_BKRtS.dtype).min)
-        probs_BKRtS = jax.nn.softmax(scores_BKRtS.astype(jnp.float32), axis=-1).astype(q_BTNH.dtype)
-        outs.append(jnp.einsum("bkrts,bskh->btkrh", probs_BKRtS, v_BSKH[:, :kv_end]))
-    out_BTKRH = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-    return out_BTKRH.reshape(B, T, N, H)
 
 
 class MLP(nnx.Module):
@@ -145,15 +126,16 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, index: int, *, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(config.hidden_size, config=config)
-        self.self_attn = Attention(config, rngs=rngs)
+        window = config.sliding_window if config.uses_sliding_window(index) else None
+        self.self_attn = Attention(config, window=window, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config=config)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, h_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, cache_index=None):
-        attn_BTD, kv_cache = self.self_attn(self.input_layernorm(h_BTD), cos_BTH, sin_BTH, mask_BTS,
-                                            kv_cache, cache_index)
+    def __call__(self, h_BTD, cos_BTH, sin_BTH, segment_ids_BT, attention_impl, kv_cache=None, cache_index=None):
+        attn_BTD, kv_cache = self.self_attn(self.input_layernorm(h_BTD), cos_BTH, sin_BTH, segment_ids_BT,
+                                            attention_impl, kv_cache, cache_index)
         h_BTD = h_BTD + attn_BTD
         h_BTD = h_BTD + self.mlp(self.post_attention_layernorm(h_BTD))
         return h_BTD, kv_cache
@@ -166,39 +148,33 @@ class Qwen2(nnx.Module):
         self.config = config
         V, D = config.vocab_size, config.hidden_size
         self.embed_tokens = nnx.Param(_normal(config)(rngs.params(), (V, D), config.param_dtype))
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(D, config=config)
         self.lm_head = None if config.tie_word_embeddings else Linear(D, V, bias=False, config=config, rngs=rngs)
 
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, attention_impl="auto"):
         """Logits [B, T, V] in the compute dtype, and the updated KV cache (None without one).
 
-        Without a cache: causal attention within each segment (packed documents never see each other).
-        With a cache (decoding): positions default to cache['index'] + arange(T); keys at slots <= the
-        query's slot are visible.
+        Without a cache: causal attention within each segment (packed documents never see each other;
+        None = one segment). With a cache (decoding): positions default to cache['index'] + arange(T); keys
+        at slots <= the query's slot are visible, and segment ids are ignored.
         """
         c = self.config
         dtype = jnp.dtype(c.dtype)
         B, T = tokens_BT.shape
-        q_idx_T = jnp.arange(T) if cache is None else cache["index"] + jnp.arange(T)
+        cache_index = None if cache is None else cache["index"]
         if positions_BT is None:
-            positions_BT = jnp.broadcast_to(q_idx_T, (B, T))
-        k_idx_S = q_idx_T if cache is None else jnp.arange(cache["k"].shape[2])
-        causal_TS = k_idx_S[None, :] <= q_idx_T[:, None]
-        mask_BTS = jnp.broadcast_to(causal_TS, (B, T, k_idx_S.shape[0]))
-        if segment_ids_BT is not None and cache is None:
-            mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-        window_BTS = mask_BTS
-        if c.use_sliding_window:
-            window_BTS = mask_BTS & ((q_idx_T[:, None] - k_idx_S[None, :]) < c.sliding_window)[None]
+            q_slot_T = jnp.arange(T) if cache is None else cache_index + jnp.arange(T)
+            positions_BT = jnp.broadcast_to(q_slot_T, (B, T))
+        if cache is not None:
+            segment_ids_BT = None
         cos_BTH, sin_BTH = rope_cos_sin(c, positions_BT, dtype)
 
         h_BTD = jnp.take(self.embed_tokens[...], tokens_BT, axis=0).astype(dtype)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache["k"][i], cache["v"][i])
-            mask = window_BTS if c.uses_sliding_window(i) else mask_BTS
-            h_BTD, kv = layer(h_BTD, cos_BTH, sin_BTH, mask, kv, None if cache is None else cache["index"])
+            h_BTD, kv = layer(h_BTD, cos_BTH, sin_BTH, segment_ids_BT, attention_impl, kv, cache_index)
             if cache is not None:
                 new_k.append(kv[0]), new_v.append(kv[1])
         h_BTD = self.norm(h_BTD)
@@ -242,14 +218,18 @@ def abstract_params(config: ModelConfig) -> Params:
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
 
 
-def apply(config: ModelConfig, params: Params, tokens_BT, *, positions=None, segment_ids=None, cache=None):
-    """(logits [B, T, V], new cache) — the pure function that training and decoding jit."""
-    return _module(config, params)(tokens_BT, positions, segment_ids, cache)
+def apply(config: ModelConfig, params: Params, tokens_BT, *, positions=None, segment_ids=None, cache=None,
+          attention_impl: str = "auto"):
+    """(logits [B, T, V], new cache) — the pure function that training and decoding jit. `attention_impl`:
+    a kernel name of qwenjax.attention (the run config's `attention.impl`); jit it as a static argument."""
+    return _module(config, params)(tokens_BT, positions, segment_ids, cache, attention_impl)
 
 
-def logits(config: ModelConfig, params: Params, tokens, *, positions=None, segment_ids=None) -> jax.Array:
+def logits(config: ModelConfig, params: Params, tokens, *, positions=None, segment_ids=None,
+           attention_impl: str = "auto") -> jax.Array:
     """Logits [B, T, vocab] for token ids [B, T]; `segment_ids` isolates packed documents."""
-    return apply(config, params, jnp.asarray(tokens), positions=positions, segment_ids=segment_ids)[0]
+    return apply(config, params, jnp.asarray(tokens), positions=positions, segment_ids=segment_ids,
+                 attention_impl=attention_impl)[0]
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
