@@ -17,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from qwenjax.errors import UserError
+from qwenjax.hparams import batch_sequences
+from qwenjax.sweep.results import row_loss
 from qwenjax.sweep.spec import Grid, resolve_relative
 
 #: Step Law (Li et al. 2025): lr* = 1.79 N^-0.713 D^0.307, B* = 0.58 D^0.571 (tokens)
@@ -71,7 +73,7 @@ def batch_values(grid: Grid, prior: Prior | None, n_params: float, tokens: float
     """The initial batch grid of a cell (sequences); adaptive grids drop batches larger than the budget."""
     if not grid.adaptive:
         return [int(v) for v in grid.values]
-    seqs = prior(n_params, tokens)[1] / seq_len
+    seqs = batch_sequences(prior(n_params, tokens)[1], seq_len, exact=True)  # snapped to the lattice below
     centre = _snap(max(seqs, 1.0), grid.per_octave)
     half = round(grid.span_octaves * grid.per_octave)
     values = {max(1, round(2.0 ** (k / grid.per_octave))) for k in range(centre - half, centre + half + 1)}
@@ -85,17 +87,6 @@ def lr_step(grid: Grid) -> float:
     return min(b / a for a, b in zip(grid.values, grid.values[1:], strict=False))  # the finest spacing
 
 
-def _loss(row: dict) -> float:
-    """The loss a cell is judged by: held-out if present, else final training loss; inf if not ok."""
-    if row.get("status") != "ok":
-        return math.inf
-    for key in ("eval_loss", "final_loss"):
-        v = row.get(key)
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            return float(v)
-    return math.inf
-
-
 def _key(x: float) -> float:
     return float(f"{x:.6g}")
 
@@ -104,7 +95,7 @@ def point_losses(rows: list[dict]) -> dict[tuple[float, int], float]:
     """(lr, batch_size) -> mean loss over the point's seeds (inf if any of them failed or diverged)."""
     by_point: dict[tuple[float, int], list[float]] = defaultdict(list)
     for r in rows:
-        by_point[(_key(r["lr"]), int(r["batch_size"]))].append(_loss(r))
+        by_point[(_key(r["lr"]), int(r["batch_size"]))].append(row_loss(r))
     return {p: (sum(v) / len(v) if all(math.isfinite(x) for x in v) else math.inf) for p, v in by_point.items()}
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from qwenjax.config import ModelConfig, flops_per_token
 from qwenjax.errors import UserError
+from qwenjax.hparams import steps_for_tokens
 from qwenjax.run_config import RunConfig, config_to_dict, load_config, model_config
 from qwenjax.sweep import adaptive
 from qwenjax.sweep.spec import SweepSpec
@@ -240,7 +241,7 @@ class Planner:
             raise UserError(str(e).replace("in the command-line overrides", "in the sweep spec")) from None
 
     def steps_for(self, tokens: float, batch_size: int) -> int:
-        return max(1, round(tokens / (batch_size * self.seq_len)))
+        return steps_for_tokens(tokens, batch_size, self.seq_len)
 
     def _model_cfg(self, model_index: int) -> RunConfig:
         if model_index not in self._model_cfgs:
