@@ -29,6 +29,7 @@ from qwenjax.errors import UserError
 from qwenjax.run_sections import (
     DECAY_SHAPES,
     SCHEDULES,
+    AttentionSection,
     CheckpointSection,
     DataSection,
     EvalSection,
@@ -62,6 +63,7 @@ class RunConfig:
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     data: DataSection = dataclasses.field(default_factory=DataSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    attention: AttentionSection = dataclasses.field(default_factory=AttentionSection)
     hparams: dict[str, Any] | None = None
 
     def __post_init__(self):

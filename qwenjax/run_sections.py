@@ -16,6 +16,7 @@ from qwenjax.errors import UserError
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "1-sqrt")
+ATTENTION_IMPLS = ("auto", "reference", "blockwise", "cudnn", "splash")  # qwenjax.attention.IMPLS (a test pins it)
 
 
 # Defaults are the design doc's sweep defaults (AdamW 0.9/0.95/1e-8, wd 0.1, clip 1.0).
@@ -205,6 +206,19 @@ class EvalSection:
     def num_batches(self, batch_size: int) -> int:
         """Eval batches of `batch_size` sequences: `batches`, or enough to cover `sequences`."""
         return -(-self.sequences // batch_size) if self.sequences else self.batches
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSection:
+    """The attention kernel (qwenjax.attention): a property of the run, not of the checkpoint, so it never
+    reaches ModelConfig or config.json. auto = cudnn on GPU, splash on TPU, blockwise on CPU."""
+
+    impl: str = "auto"
+
+    def __post_init__(self):
+        if self.impl not in ATTENTION_IMPLS:
+            raise UserError(f"attention.impl must be one of {', '.join(ATTENTION_IMPLS)}, got {self.impl!r}"
+                            + did_you_mean(self.impl, ATTENTION_IMPLS))
 
 
 def positive(key: str, value) -> None:
