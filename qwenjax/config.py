@@ -7,13 +7,12 @@ compiled steps are shared between runs of equal shape. Nothing here imports JAX.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-from qwenjax.errors import UserError
+from qwenjax.errors import UserError, did_you_mean
 
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "yarn", "linear")
@@ -162,9 +161,7 @@ PRESETS: dict[str, ModelConfig] = {
 def preset(name: str, **overrides) -> ModelConfig:
     """A preset by name (`qwen2.5-7b`), optionally with fields replaced."""
     if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(PRESETS)})"
-        raise UserError(f"unknown model preset {name!r}{hint}")
+        raise UserError(f"unknown model preset {name!r}{did_you_mean(name, PRESETS, list_known=True, cutoff=0.6)}")
     return dataclasses.replace(PRESETS[name], **overrides) if overrides else PRESETS[name]
 
 

@@ -5,7 +5,6 @@ Plain Markdown with relative PNG links, so it reads in any viewer (GitHub, an ed
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -16,33 +15,47 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from qwenjax import jsonl  # noqa: E402
 from qwenjax.run_config import atomic_write_text  # noqa: E402
+from qwenjax.scaling import format_law  # noqa: E402
+from qwenjax.scaling.landscape import ladder_message  # noqa: E402
+from qwenjax.sweep.results import read_lines  # noqa: E402
+from qwenjax.sweep.results import row_loss as _loss  # noqa: E402
+
+#: the predicted point passes when the mean of its seeds is within this of the best grid point
+CHECK_TOLERANCE = 0.005
 
 
 def _rows(path: Path) -> list[dict]:
-    from qwenjax.sweep.results import read_lines
-
     return list({r["run_id"]: r for r in read_lines(path)[0]}.values())  # the last line of a retried run
 
 
-def _loss(row: dict) -> float:
-    value = row.get("eval_loss")
-    if value is None or not math.isfinite(value):
-        value = row.get("final_loss")
-    return value if value is not None and math.isfinite(value) and row.get("status") == "ok" else math.inf
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+def check_verdict(grid: dict[tuple[float, int], float], predicted: tuple[float, int],
+                  predicted_losses: list[float], noise: float | None = None) -> tuple[bool, str]:
+    """Is the predicted point's mean loss over its seeds within CHECK_TOLERANCE of the best point of the grid?"""
+    finite = {p: v for p, v in grid.items() if math.isfinite(v)}
+    seeds = [v for v in predicted_losses if math.isfinite(v)]
+    floor = f"; seed noise floor {noise:.2%}" if noise is not None else ""
+    if not seeds or len(seeds) < len(predicted_losses):
+        return False, (f"the prediction MISSED: {len(predicted_losses) - len(seeds)} of its "
+                       f"{len(predicted_losses)} seeds diverged or failed")
+    ours = sum(seeds) / len(seeds)
+    best_point = min(finite, key=finite.get)
+    best = finite[best_point]
+    ok = ours <= best * (1 + CHECK_TOLERANCE)
+    where = f"lr {best_point[0]:.3g}, batch {best_point[1]}"
+    if not ok:
+        text = (f"the prediction MISSED: its mean loss over {len(seeds)} seeds, {ours:.4f}, is "
+                f"{ours / best - 1:.2%} above the best grid point ({where}: {best:.4f}; tolerance "
+                f"{CHECK_TOLERANCE:.1%}{floor})")
+    elif best_point == predicted:
+        text = (f"PASSED: the predicted point is the best of the grid (mean loss {ours:.4f} over {len(seeds)} "
+                f"seeds{floor})")
+    else:
+        text = (f"PASSED: the predicted point's mean loss over {len(seeds)} seeds, {ours:.4f}, is within "
+                f"{ours / best - 1:.2%} of the best grid point ({where}: {best:.4f}; tolerance "
+                f"{CHECK_TOLERANCE:.1%}{floor})")
+    return ok, text
 
 
 def _plot_main_curves(out: Path, main_rows: list[dict], predicted: tuple[float, int]) -> Path:
@@ -51,7 +64,7 @@ def _plot_main_curves(out: Path, main_rows: list[dict], predicted: tuple[float, 
     at_batch = [r for r in main_rows if r["batch_size"] == predicted[1]]
     for row in sorted(at_batch, key=lambda r: (r["lr"], r.get("seed", 0))):
         folder = out / ("main" if row.get("seed", 0) == 0 else "main-seeds") / "runs" / row["run_id"]
-        metrics = [m for m in _metrics(folder) if m.get("loss") is not None]
+        metrics = [m for m in jsonl.read(folder / "metrics.jsonl") if m.get("loss") is not None]
         if not metrics:
             continue
         tag = "predicted" if math.isclose(row["lr"], predicted[0], rel_tol=1e-6) else \
@@ -125,9 +138,6 @@ def _cell_table(rows: list[dict]) -> list[str]:
 def write_report(out: Path, *, corpus: dict, plan, fit: dict, prediction: dict, n_main: int, d_main: float,
                  main_shape: dict, sweep_results: Path, main_results: list[Path], sweep_summary: dict,
                  plots: list[str], wall_s: float) -> dict[str, Any]:
-    from qwenjax.demo import CHECK_TOLERANCE, check_verdict
-    from qwenjax.scaling import format_law
-
     sweep_rows = _rows(sweep_results)
     main_rows = [r for path in main_results for r in _rows(path)]
     grid = {(r["lr"], r["batch_size"]): _loss(r) for r in main_rows if r.get("seed", 0) == 0}
@@ -171,8 +181,6 @@ def write_report(out: Path, *, corpus: dict, plan, fit: dict, prediction: dict, 
         md += ["", f"Noise floor: the loss at each cell's optimum varies by {noise:.2%} (relative standard deviation, "
                f"root mean square over {len(cells)} cells of {fit['noise'].get('seeds')} or more seeds)."]
     if fit.get("landscape"):
-        from qwenjax.scaling.landscape import ladder_message
-
         md += ["", f"The sweep against the CPU ladder's rules (docs/sweeps.md): {ladder_message(fit['landscape'])}."]
     method = fit.get("method", {})
     prior = method.get("prior") or {}

@@ -1,6 +1,9 @@
 """`qwenjax sweep SPEC.yaml`: run (or resume, or plan with --dry-run) a learning-rate x batch-size sweep.
 
 Also `qwenjax sweep --bench-population SPEC_OR_CONFIG.yaml`: population throughput vs sequential solo runs.
+
+The sweep machinery is imported inside the functions: the CLI imports every command module to build its
+parser, and the planner, the progress display and the fitter (pandas, scipy) would slow every command's start.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import sys
 from pathlib import Path
 
 from qwenjax.errors import UserError
+from qwenjax.sweep.local import cpu_slices, worker_env
 
 
 def register(subparsers) -> None:
@@ -59,7 +63,7 @@ def _default_out(spec) -> Path:
 def _main(args: argparse.Namespace) -> int:
     if args.bench_population:
         return _bench(args)
-    from qwenjax.sweep import SweepOptions, run_sweep
+    from qwenjax.sweep import SweepOptions, run_sweep  # imported on use: see the module docstring
     from qwenjax.sweep.spec import load_spec
 
     spec = load_spec(args.spec)
@@ -78,7 +82,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _print_summary(s: dict) -> None:
-    from qwenjax.scaling.units import format_count
+    from qwenjax.scaling.units import format_count  # imported on use: see the module docstring
     from qwenjax.sweep.progress import format_duration
 
     c = s["counts"]
@@ -113,13 +117,12 @@ def _print_summary(s: dict) -> None:
 
 def probe_in_worker(cfgs: list, workers: int, steps: int = 3) -> list[dict]:
     """Time a few real steps of each config in a fresh process with one worker's share of the cores."""
-    from qwenjax.run_config import config_to_dict
-    from qwenjax.sweep.executors import cpu_slices, worker_env
+    from qwenjax.run_config import config_to_dict  # imported on use: see the module docstring
 
     cores = cpu_slices(workers)[0]
     code = ("import json, sys\n"
-            "from qwenjax.sweep.executors import _apply_thread_env\n"
-            "_apply_thread_env()\n"
+            "from qwenjax.sweep.local import apply_thread_env\n"
+            "apply_thread_env()\n"
             "from qwenjax.run_config import config_from_dict\n"
             "from qwenjax.sweep.population import measure\n"
             "req = json.load(sys.stdin)\n"
@@ -135,7 +138,7 @@ def probe_in_worker(cfgs: list, workers: int, steps: int = 3) -> list[dict]:
 
 
 def _dry_run(spec, out: Path, args) -> int:
-    from qwenjax.scaling.units import format_count
+    from qwenjax.scaling.units import format_count  # imported on use: see the module docstring
     from qwenjax.sweep.plan import Planner, describe, fork_plan, trained_share
     from qwenjax.sweep.progress import format_duration
 
@@ -226,7 +229,7 @@ def _time_model(probes, measured) -> _TimeModel:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import yaml
+    import yaml  # imported on use: see the module docstring
 
     from qwenjax.run_config import load_config
     from qwenjax.sweep.population import benchmark_population
@@ -237,7 +240,7 @@ def _bench(args: argparse.Namespace) -> int:
     tree = yaml.safe_load(path.read_text()) or {}
     targets = []
     if isinstance(tree, dict) and ("tokens" in tree or "models" in tree or "ladder" in tree):
-        from qwenjax.sweep.plan import Planner
+        from qwenjax.sweep.plan import Planner  # imported on use: see the module docstring
         from qwenjax.sweep.spec import load_spec
 
         spec = load_spec(path)
@@ -282,7 +285,7 @@ def _bench(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`python -m qwenjax.commands.sweep ...`: this command alone, with the CLI's error handling (a sweep
     launched as a subprocess, e.g. by the tests, does not need every other command to import)."""
-    from qwenjax.cli import main as cli_main
+    from qwenjax.cli import main as cli_main  # cli imports this module: a module-level import would be a cycle
 
     return cli_main(["sweep", *(sys.argv[1:] if argv is None else argv)], commands=("sweep",))
 

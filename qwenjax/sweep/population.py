@@ -403,7 +403,8 @@ def execute_population(unit: dict, run_fn, emit: Callable[[dict], None],
     """Train a population unit in this worker: decide (probe, or reuse the recorded decision), then train
     the members together, or one after another as solo runs when that is faster."""
     from qwenjax.run_config import config_from_dict
-    from qwenjax.sweep.executors import CompileClock, execute_run, recover_finished, result_row
+    from qwenjax.sweep.results import recover_finished, result_row
+    from qwenjax.sweep.runner import CompileClock, execute_run
 
     payloads = []
     for payload in unit["runs"]:  # members finished but unrecorded (a kill) need no training

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 
 from qwenjax.scaling.units import format_count
+from qwenjax.sweep.results import row_loss
 
 
 def format_duration(seconds: float | None) -> str:
@@ -27,16 +28,6 @@ def format_duration(seconds: float | None) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def _loss_of(row: dict) -> float | None:
-    if row.get("status") != "ok":
-        return None
-    for key in ("eval_loss", "final_loss"):
-        v = row.get(key)
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            return float(v)
-    return None
 
 
 class Progress:
@@ -77,8 +68,8 @@ class Progress:
         self.flops_done_now += self.planned.get(rid, 0.0)
         self._note_best(row)
         if not self.live:
-            loss = _loss_of(row)
-            shown = f"loss {loss:.4f}" if loss is not None else row.get("status")
+            loss = row_loss(row)
+            shown = f"loss {loss:.4f}" if math.isfinite(loss) else row.get("status")
             print(f"[{len(self.done)}/{len(self.planned)}] {row.get('name', rid)} {shown} "
                   f"({row.get('mode', 'solo')}, {row.get('wall_s') or 0:.1f}s) "
                   f"eta {format_duration(self.eta())}", file=self.stream, flush=True)
@@ -89,8 +80,8 @@ class Progress:
         self._refresh()
 
     def _note_best(self, row: dict) -> None:
-        loss = _loss_of(row)
-        if loss is None:
+        loss = row_loss(row)
+        if not math.isfinite(loss):
             return
         cell = f"N={format_count(row['n_params'])} D={format_count(row['tokens'])}"
         if cell not in self.best or loss < self.best[cell][0]:
@@ -120,7 +111,7 @@ class Progress:
 
     # -- rendering ------------------------------------------------------------------------------------
     def _table(self):
-        from rich.table import Table
+        from rich.table import Table  # optional: only a live table (see __enter__) gets here
 
         table = Table(title=self.status_line(), title_justify="left", expand=False)
         for col in ("cell (N, D)", "best loss", "lr", "batch"):
@@ -132,6 +123,7 @@ class Progress:
     def __enter__(self) -> Progress:
         if self.live:
             try:
+                # rich is optional (not a dependency): without it progress is printed line by line
                 from rich.console import Console
                 from rich.live import Live
 

@@ -1,26 +1,28 @@
-"""The sweep's record: `results.jsonl`, one JSON line per finished run, appended and never rewritten.
+"""The sweep's record: `results.jsonl`, one JSON line per finished run, appended and never rewritten;
+what a line holds (`result_row`) and which loss judges it (`row_loss`).
 
-Several worker processes append to the same file, and the sweep may be killed at any moment, so an append
-is one `os.write` of a complete line on an `O_APPEND` descriptor under an exclusive `fcntl.flock`, followed
-by `fsync`: a line is either entirely there or not at all. A reader ignores a trailing line without its
-newline (a writer killed mid-way, which the lock and single write make all but impossible, or a file cut by
-a crash) and skips malformed lines, so a damaged file never stops a resume. If a torn tail is found by a
-writer, it starts its line on a fresh line so that its own record is never glued to the fragment.
+Several worker processes append to the same file, and the sweep may be killed at any moment: appends and
+reads go through `qwenjax.jsonl` (whole lines under a lock, fsynced; a torn tail or a malformed line is
+skipped, so a damaged file never stops a resume).
 
 The state of a sweep is derived from this file alone: a run whose latest line is `ok` or `diverged` is
-done; a `failed` one is retried by the next invocation.
+done; a `failed` one is retried by the next invocation. A run that finished (its run directory has a
+`summary.json`) but has no line, because the sweep was killed between the two, is recovered from its run
+directory without training again (`recover_finished`).
 """
 
 from __future__ import annotations
 
 import datetime
-import fcntl
 import json
 import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+
+import yaml
+
+from qwenjax import jsonl
 
 DONE = ("ok", "diverged")
 STATUSES = ("ok", "diverged", "failed")
@@ -37,67 +39,70 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _json_safe(x: Any) -> Any:
-    """NaN/inf are not JSON: write them as null (a diverged run's loss) so every line parses strictly."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if hasattr(x, "item") and callable(x.item):  # numpy / jax scalars
-        return _json_safe(x.item())
-    return x
-
-
 def append_line(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON object as one line, atomically with respect to other appenders and to kills."""
-    data = (json.dumps(_json_safe(record), sort_keys=False, allow_nan=False) + "\n").encode("utf-8")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            size = os.fstat(fd).st_size
-            if size:
-                with open(path, "rb") as f:  # a torn tail (no newline): start our line on a fresh one
-                    f.seek(size - 1)
-                    if f.read(1) != b"\n":
-                        data = b"\n" + data
-            written = os.write(fd, data)
-            while written < len(data):  # a short write (not seen on regular files); finish it under the lock
-                written += os.write(fd, data[written:])
-            os.fsync(fd)
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    jsonl.append(path, record)
 
 
 def read_lines(path: str | os.PathLike) -> tuple[list[dict], int]:
     """(records, number of malformed lines skipped); a trailing line without newline is ignored."""
-    path = Path(path)
-    if not path.is_file():
-        return [], 0
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    if lines and lines[-1] != b"":  # torn tail
-        lines = lines[:-1]
-    records, bad = [], 0
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            bad += 1
-            continue
-        if isinstance(obj, dict) and "run_id" in obj:
-            records.append(obj)
-        else:
-            bad += 1
-    return records, bad
+    return jsonl.read_counted(path, key="run_id")
+
+
+def row_loss(row: dict) -> float:
+    """The loss a result line is judged by (best run of a cell, grid edges, progress, reports): the held-out
+    `eval_loss` if finite, else the final training loss; inf unless the run is `ok` with a finite loss."""
+    if row.get("status") != "ok":
+        return math.inf
+    for key in ("eval_loss", "final_loss"):
+        v = row.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            return float(v)
+    return math.inf
+
+
+def result_row(payload: dict, summary: dict | None, *, wall_s: float, compile_s: float | None, mode: str,
+               error: str | None = None, recovered: bool = False) -> dict:
+    """A complete result line: the planned fields (`payload["row"]`) plus what the run reported."""
+    row = dict(payload["row"])
+    summary = summary or {}
+    diverged = bool(summary.get("diverged", False))
+    status = "failed" if error else "diverged" if diverged else "ok"
+    row.update(
+        final_loss=summary.get("final_loss"), eval_loss=summary.get("eval_loss"), diverged=diverged,
+        status=status, wall_s=round(float(summary.get("wall_s", wall_s) if recovered else wall_s), 3),
+        compile_s=None if compile_s is None else round(float(compile_s), 3), mode=mode, finished_at=now_iso(),
+    )
+    for key in ("diverged_step", "diverged_at", "steps_done"):
+        if key in summary:
+            row[key] = summary[key]
+    if summary.get("fork_of"):  # started from a longer run's state (the trainer's record): that run's id
+        row.update(fork_of=Path(summary["fork_of"]).name, fork_step=summary["fork_step"])
+    if error:
+        row["error"] = error
+    if recovered:
+        row["recovered"] = True
+    return row
+
+
+def recover_finished(payload: dict) -> dict | None:
+    """The row of a run that finished (summary.json written) but was not recorded: the sweep was killed
+    between the two. Only trusted when the run directory's config is this run's config."""
+    run_dir = Path(payload["config"]["run_dir"])
+    summary_path, config_path = run_dir / "summary.json", run_dir / "config.yaml"
+    if not summary_path.is_file() or not config_path.is_file():
+        return None
+    try:
+        summary = json.loads(summary_path.read_text())
+        saved = yaml.safe_load(config_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or "final_loss" not in summary or saved != payload["config"]:
+        return None
+    if summary.get("finished") is False:
+        return None
+    return result_row(payload, summary, wall_s=float(summary.get("wall_s") or 0.0),
+                      compile_s=summary.get("compile_s"), mode=summary.get("mode", "solo"), recovered=True)
 
 
 class ResultsStore:

@@ -23,7 +23,6 @@ key (with a did-you-mean), so a bad spec fails before any run starts. Nothing he
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -32,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from qwenjax.errors import UserError
+from qwenjax.errors import UserError, did_you_mean
 
 SPEC_KEYS = ("name", "description", "base", "models", "ladder", "tokens", "lr", "batch_size", "seeds",
              "overrides", "population", "resources", "max_extensions", "warmup_fraction", "fork_cooldowns",
@@ -100,15 +99,10 @@ class SweepSpec:
 # Helpers
 
 
-def did_you_mean(word: str, candidates: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(candidates)})"
-
-
 def _check_keys(tree: Mapping, known: Sequence[str], where: str) -> None:
     for key in tree:
         if key not in known:
-            raise UserError(f"{where}unknown key {key!r}{did_you_mean(key, known)}")
+            raise UserError(f"{where}unknown key {key!r}{did_you_mean(key, known, list_known=True)}")
 
 
 def _number(value, where: str, *, integer: bool = False) -> float:
@@ -178,7 +172,7 @@ def _model_entry(entry, where: str) -> dict:
     for key, value in entry.items():
         field = str(key).removeprefix("model.")
         if field not in MODEL_KEYS:
-            raise UserError(f"{where}: unknown model field {key!r}{did_you_mean(field, MODEL_KEYS)}")
+            raise UserError(f"{where}: unknown model field {key!r}{did_you_mean(field, MODEL_KEYS, list_known=True)}")
         out[field] = value
     return out
 
