@@ -12,7 +12,6 @@ FIT.json, run directories), so a rerun reuses what is done and finishes fast.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,19 @@ from typing import Any
 
 import yaml
 
+from qwenjax.config import ModelConfig, param_counts
+from qwenjax.data import default_corpus_files, resolve_files
+from qwenjax.demo_report import CHECK_TOLERANCE, check_verdict, write_report
 from qwenjax.errors import UserError
+from qwenjax.hparams import predict_hparams
+from qwenjax.run_config import atomic_write_text, load_config
+from qwenjax.scaling import load_results, make_fit, make_plots, save_fit
+from qwenjax.sweep.driver import SweepOptions, run_sweep
+from qwenjax.sweep.spec import intermediate_for, kv_heads_for, load_spec
+from qwenjax.train import prepare_data
+
+__all__ = ["CHECK_FACTORS", "CHECK_SEEDS", "CHECK_TOLERANCE", "PLANS", "DemoPlan", "check_grid", "check_verdict",
+           "model_shape", "run_demo"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +70,6 @@ PLANS = {
 }
 #: the check grid around the prediction: lr and batch times each of these factors
 CHECK_FACTORS = (0.5, 1.0, 2.0)
-#: the predicted point passes when the mean of its seeds is within this of the best grid point
-CHECK_TOLERANCE = 0.005
 CHECK_SEEDS = (0, 1)
 
 
@@ -86,18 +95,12 @@ def _base_config(out: Path, data: str | None, plan: DemoPlan) -> dict[str, Any]:
 
 
 def _write_yaml(path: Path, tree: dict) -> Path:
-    from qwenjax.run_config import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(tree, sort_keys=False))
     return path
 
 
 def _corpus_and_tokenizer(out: Path, data: str | None, plan: DemoPlan) -> dict[str, Any]:
     """Stages 1-2: resolve the corpus, train the tokenizer and build the token cache (each once)."""
-    from qwenjax.data import default_corpus_files, resolve_files
-    from qwenjax.run_config import load_config
-    from qwenjax.train import prepare_data
-
     files = resolve_files(data) if data else default_corpus_files(plan.max_bytes)
     size = sum(f.stat().st_size for f in files)
     _say(1, f"corpus: {len(files)} files, {size / 1e6:.1f} MB ({data or 'the Python standard library'})")
@@ -117,9 +120,6 @@ def _corpus_and_tokenizer(out: Path, data: str | None, plan: DemoPlan) -> dict[s
 
 
 def _sweep(out: Path, spec: dict, name: str, workers: int) -> tuple[Path, dict]:
-    from qwenjax.sweep import SweepOptions, run_sweep
-    from qwenjax.sweep.spec import load_spec
-
     spec_path = _write_yaml(out / f"{name}.yaml", spec)
     summary = run_sweep(load_spec(spec_path), out / name, SweepOptions(workers=workers, live=False))
     return out / name / "results.jsonl", summary
@@ -131,8 +131,6 @@ LADDER_RESULTS = Path(__file__).resolve().parents[1] / "sweeps" / "results" / "c
 
 def _ladder_prior(out: Path) -> Path | None:
     """Fit the committed CPU ladder once (OUT/ladder-FIT.json) for the prior; None outside a source checkout."""
-    from qwenjax.scaling import load_results, make_fit, save_fit
-
     path = out / "ladder-FIT.json"
     if not path.is_file():
         if not LADDER_RESULTS.is_file():
@@ -144,8 +142,6 @@ def _ladder_prior(out: Path) -> Path | None:
 def model_shape(width: int, plan: DemoPlan) -> dict:
     """The Qwen2.5-shaped model of one width: `plan.layers` layers, heads of `plan.head_dim`, Qwen2.5's key/value
     head count and MLP ratio."""
-    from qwenjax.sweep.spec import intermediate_for, kv_heads_for
-
     heads = width // plan.head_dim
     kv = kv_heads_for(heads)
     if width % plan.head_dim or kv is None:
@@ -165,16 +161,12 @@ def check_grid(prediction: dict, seq_len: int) -> tuple[list[float], list[int]]:
 def run_demo(out: str | Path = "runs/demo", data: str | None = None, *, plan: str | DemoPlan = "full",
              workers: int = 1) -> dict[str, Any]:
     """Run (or resume) the whole demo into `out`; returns what the report shows."""
-    from qwenjax.config import ModelConfig
-    from qwenjax.model import count_params
-    from qwenjax.scaling import load_fit, load_results, make_fit, make_plots, predict, save_fit
-
     plan = PLANS[plan] if isinstance(plan, str) else plan
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     corpus = _corpus_and_tokenizer(out, data, plan)
-    n_of = lambda width: count_params(ModelConfig(vocab_size=corpus["vocab_size"], tie_word_embeddings=True,
+    n_of = lambda width: param_counts(ModelConfig(vocab_size=corpus["vocab_size"], tie_word_embeddings=True,
                                                   **model_shape(width, plan)))[1]
 
     # 3. The sweep: lr x batch at every (N, D); shorter budgets fork their cooldown from the longest run;
@@ -207,7 +199,7 @@ def run_demo(out: str | Path = "runs/demo", data: str | None = None, *, plan: st
     shape = model_shape(plan.main_width, plan)
     n_main = n_of(plan.main_width)
     d_main = max(plan.tokens) * plan.main_tokens_scale
-    prediction = predict(load_fit(fit_path), n_main, d_main, seq_len=plan.seq_len)
+    prediction = predict_hparams(fit_path, n_main, d_main, seq_len=plan.seq_len)
     lrs, batches = check_grid(prediction, plan.seq_len)
     _say(5, f"predict: N = {n_main:,} non-embedding params ({n_main / n_of(max(plan.widths)):.1f}x the largest "
             f"swept), D = {d_main:,.0f} tokens -> lr {prediction['lr']:.3g}, batch {prediction['batch_size']} "
@@ -228,39 +220,9 @@ def run_demo(out: str | Path = "runs/demo", data: str | None = None, *, plan: st
                  "seeds": [s for s in CHECK_SEEDS if s != 0]}
     seed_results, _ = _sweep(out, seed_spec, "main-seeds", workers)
 
-    from qwenjax.demo_report import write_report
-
     report = write_report(out, corpus=corpus, plan=plan, fit=fit, prediction=prediction, n_main=n_main,
                           d_main=d_main, main_shape=shape, sweep_results=results_path,
                           main_results=[main_results, seed_results], sweep_summary=sweep_summary, plots=plots,
                           wall_s=time.perf_counter() - t_start)
     _say(7, f"report: {report['path']}")
     return report
-
-
-def check_verdict(grid: dict[tuple[float, int], float], predicted: tuple[float, int],
-                  predicted_losses: list[float], noise: float | None = None) -> tuple[bool, str]:
-    """Is the predicted point's mean loss over its seeds within CHECK_TOLERANCE of the best point of the grid?"""
-    finite = {p: v for p, v in grid.items() if math.isfinite(v)}
-    seeds = [v for v in predicted_losses if math.isfinite(v)]
-    floor = f"; seed noise floor {noise:.2%}" if noise is not None else ""
-    if not seeds or len(seeds) < len(predicted_losses):
-        return False, (f"the prediction MISSED: {len(predicted_losses) - len(seeds)} of its "
-                       f"{len(predicted_losses)} seeds diverged or failed")
-    ours = sum(seeds) / len(seeds)
-    best_point = min(finite, key=finite.get)
-    best = finite[best_point]
-    ok = ours <= best * (1 + CHECK_TOLERANCE)
-    where = f"lr {best_point[0]:.3g}, batch {best_point[1]}"
-    if not ok:
-        text = (f"the prediction MISSED: its mean loss over {len(seeds)} seeds, {ours:.4f}, is "
-                f"{ours / best - 1:.2%} above the best grid point ({where}: {best:.4f}; tolerance "
-                f"{CHECK_TOLERANCE:.1%}{floor})")
-    elif best_point == predicted:
-        text = (f"PASSED: the predicted point is the best of the grid (mean loss {ours:.4f} over {len(seeds)} "
-                f"seeds{floor})")
-    else:
-        text = (f"PASSED: the predicted point's mean loss over {len(seeds)} seeds, {ours:.4f}, is within "
-                f"{ours / best - 1:.2%} of the best grid point ({where}: {best:.4f}; tolerance "
-                f"{CHECK_TOLERANCE:.1%}{floor})")
-    return ok, text
