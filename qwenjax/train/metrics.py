@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qwenjax.jsonl import read as read_metrics  # the metrics file's reader (a torn last line is skipped)
+
 log = logging.getLogger(__name__)
 
 # Dense peak FLOP/s per device (bf16 / fp16 tensor cores; the matching device_kind substrings, lowercase).
@@ -111,22 +113,6 @@ def _summary_writer_class():
 
 # ---------------------------------------------------------------------------------------------------------
 # metrics.jsonl
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All complete JSON lines of a metrics file (a partial last line from a kill is skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> list[dict[str, Any]]:
