@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from qwenjax.config import ModelConfig, preset
-from qwenjax.errors import UserError
+from qwenjax.errors import UserError, did_you_mean
 from qwenjax.run_sections import (
     DECAY_SHAPES,
     SCHEDULES,
@@ -38,14 +38,13 @@ from qwenjax.run_sections import (
     OptimSection,
     SourceSpec,
     TrainSection,
-    did_you_mean,
     positive,
 )
 
 __all__ = [
     "DECAY_SHAPES", "MISSING", "SCHEDULES", "CheckpointSection", "DataSection", "EvalSection", "MeshSection",
     "ModelSection", "OptimSection", "RunConfig", "SourceSpec", "TrainSection", "all_keys", "atomic_write_text",
-    "config_from_dict", "config_to_dict", "data_parallel_size", "did_you_mean", "load_config", "missing_keys",
+    "config_from_dict", "config_to_dict", "data_parallel_size", "load_config", "missing_keys",
     "model_config", "parse_overrides", "planned_tokens", "positive", "run_dir", "save_config",
 ]
 

@@ -7,12 +7,11 @@ file holds one concept; `qwenjax.run_config` re-exports every name here.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 from pathlib import Path
 from typing import Any
 
-from qwenjax.errors import UserError
+from qwenjax.errors import UserError, did_you_mean
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "1-sqrt")
@@ -225,9 +224,3 @@ def positive(key: str, value) -> None:
     """UserError unless `value` is an int >= 1 (bool excluded)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"{key} must be a positive integer, got {value!r}")
-
-
-def did_you_mean(word: str, candidates) -> str:
-    """' (did you mean ...?)' for the closest candidate, or ''."""
-    close = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
