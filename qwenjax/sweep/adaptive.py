@@ -18,6 +18,8 @@ from pathlib import Path
 
 from qwenjax.errors import UserError
 from qwenjax.hparams import batch_sequences
+from qwenjax.scaling.fitfile import load_fit
+from qwenjax.scaling.predict import predict
 from qwenjax.sweep.results import row_loss
 from qwenjax.sweep.spec import Grid, resolve_relative
 
@@ -40,8 +42,6 @@ class Prior:
         self.source = source
         self._fit = None
         if source != "prior":
-            from qwenjax.scaling.fitfile import load_fit
-
             path = resolve_relative(source, spec_path)
             if not path.is_file():
                 raise UserError(f"around: {source!r} is neither 'prior' nor an existing FIT.json")
@@ -50,8 +50,6 @@ class Prior:
     def __call__(self, n_params: float, tokens: float) -> tuple[float, float]:
         if self._fit is None:
             return step_law(n_params, tokens)
-        from qwenjax.scaling.predict import predict
-
         p = predict(self._fit, n_params, tokens)
         return float(p["lr"]), float(p["batch_tokens"])
 

@@ -23,10 +23,11 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from qwenjax.config import ModelConfig, flops_per_token
+from qwenjax.config import ModelConfig, flops_per_token, param_counts
 from qwenjax.errors import UserError
 from qwenjax.hparams import steps_for_tokens
 from qwenjax.run_config import RunConfig, config_to_dict, load_config, model_config
+from qwenjax.scaling.units import format_count
 from qwenjax.sweep import adaptive
 from qwenjax.sweep.spec import SweepSpec
 
@@ -149,15 +150,13 @@ class PlannedRun:
     @property
     def fork_step(self) -> int:
         """Where this run's WSD decay starts: a longer run of its family hands over its state there."""
-        from qwenjax.train.optim import wsd_decay_start
+        from qwenjax.train.optim import wsd_decay_start  # qwenjax.train loads JAX; the sweep driver does not
 
         o = self.cfg.optim
         return wsd_decay_start(self.steps, o.decay_fraction, o.warmup_steps)
 
     @property
     def name(self) -> str:
-        from qwenjax.scaling.units import format_count
-
         return (f"{self.model.label}/D{format_count(self.tokens)}/lr{self.lr:.3g}/b{self.batch_size}"
                 f"/s{self.seed}")
 
@@ -182,8 +181,6 @@ class Planner:
     """Resolves a spec against its base config; makes runs for (model, tokens, lr, batch, seed) points."""
 
     def __init__(self, spec: SweepSpec, out_dir: str | Path):
-        from qwenjax.model import count_params
-
         self.spec = spec
         self.out_dir = Path(out_dir)
         self.runs_dir = self.out_dir / "runs"
@@ -202,7 +199,7 @@ class Planner:
             except UserError as e:
                 about_model = "model" in str(e) or "max_position" in str(e)
                 raise UserError(f"{where}: {e}" if about_model else str(e)) from None
-            total, non_embedding = count_params(mc)
+            total, non_embedding = param_counts(mc)
             self.models.append(ModelInfo(i, overrides, mc, int(non_embedding), int(total)))
             self._model_cfgs[i] = cfg
         seq_lens = {c.train.seq_len for c in self._model_cfgs.values()}

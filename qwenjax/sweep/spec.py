@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from qwenjax.errors import UserError, did_you_mean
+from qwenjax.scaling.units import parse_count
 
 SPEC_KEYS = ("name", "description", "base", "models", "ladder", "tokens", "lr", "batch_size", "seeds",
              "overrides", "population", "resources", "max_extensions", "warmup_fraction", "fork_cooldowns",
@@ -108,8 +109,6 @@ def _check_keys(tree: Mapping, known: Sequence[str], where: str) -> None:
 def _number(value, where: str, *, integer: bool = False) -> float:
     """A positive finite number; strings like '2M' or '1.5e9' are accepted for counts."""
     if isinstance(value, str) and not integer:
-        from qwenjax.scaling.units import parse_count
-
         return parse_count(value, where)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value <= 0:
