@@ -132,8 +132,9 @@ def _splash_kernel(T: int, S: int, N: int, window: int | None, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa  # see splash()
 
     one_head = sa.CausalMask((T, S)) if window is None else sa.LocalMask((T, S), (window - 1, 0), offset=0)
-    return sa.make_splash_mha(sa.MultiHeadMask([one_head] * N), head_shards=1, q_seq_shards=1,
-                              interpret=interpret)
+    with jax.ensure_compile_time_eval():  # concrete tables even when first built inside a jit trace (cached)
+        return sa.make_splash_mha(sa.MultiHeadMask([one_head] * N), head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
 
 
 KERNELS: dict[str, Callable[..., jax.Array]] = {
