@@ -75,12 +75,13 @@ def _warn(message: str) -> None:
 
 
 def _preset_sizes() -> dict[str, float] | None:
-    """Non-embedding N of the seven Qwen2.5 presets, or None (with a warning) if the model is unavailable."""
+    """Non-embedding N of the seven Qwen2.5 presets (counted without JAX), or None with a warning."""
+    # on use (as every import of the fitter here): `qwenjax --help` and the other commands start without it
     from qwenjax.scaling import QWEN25_PRESETS, preset_n_params
 
     try:
         return {name: preset_n_params(name) for name in QWEN25_PRESETS}
-    except (ImportError, UserError) as e:
+    except UserError as e:
         _warn(f"no Qwen2.5 prediction plot: model presets unavailable ({e})")
         return None
 
@@ -90,7 +91,7 @@ def _percent(value) -> str:
 
 
 def _print_holdout(held: dict, noise: str) -> None:
-    from qwenjax.scaling.units import format_count
+    from qwenjax.scaling.units import format_count  # on use: the package pulls in the fitter
 
     print(
         f"holdout {held['spec']}: fitted {held['cells_fitted']} cells, predicted {held['cells_held_out']} "
@@ -109,6 +110,7 @@ def _print_holdout(held: dict, noise: str) -> None:
 
 
 def run(args) -> int:
+    # on use: the fitter (numpy, scipy, pandas, matplotlib) is loaded only by the command that needs it
     from qwenjax.scaling import format_law, load_results, make_fit, make_plots, save_fit
     from qwenjax.scaling.landscape import ladder_message
     from qwenjax.scaling.noise import format_noise

@@ -1,8 +1,9 @@
 """Scaling laws from sweep results: optimal lr and batch size in (N, D), the loss law, predictions, plots,
 the seed-noise floor and held-out validation.
 
-Pure numpy/scipy/pandas/matplotlib: nothing here imports training or sweeps, so a notebook can fit laws
-without starting JAX training code. The method and FIT.json format are described in docs/scaling.md.
+Pure numpy/scipy/pandas/matplotlib: nothing here imports JAX, training or sweeps (a preset's N is counted
+from its shapes by `qwenjax.config.param_counts`), so a notebook can fit laws where JAX is not even installed;
+tests/test_scaling_nojax.py holds that. The method and FIT.json format are described in docs/scaling.md.
 """
 
 from qwenjax.scaling.fitfile import FORMAT, format_law, load_fit, make_fit, save_fit

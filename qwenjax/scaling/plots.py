@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
@@ -38,8 +39,6 @@ def _save(fig: Figure, path) -> Figure:
 
 
 def _colors(n: int):
-    from matplotlib import colormaps
-
     return colormaps["viridis"](np.linspace(0.05, 0.9, max(n, 1)))
 
 
