@@ -57,6 +57,7 @@ class TrainSection:
     grad_accum: int = 1  # micro-batches per step (each batch_size // grad_accum sequences)
     log_every: int = 10
     divergence_factor: float = 2.0  # loss above this multiple of the first step's loss = diverged
+    resume_optimizer: bool = False  # with model.init_from a run dir: keep its Adam state (qwenjax.train.start)
 
     def __post_init__(self):
         positive("train.steps", self.steps)
