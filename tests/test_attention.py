@@ -103,6 +103,19 @@ def test_auto_is_blockwise_on_cpu():
     assert attention.resolve("auto", q, k) == "blockwise"
 
 
+@pytest.mark.parametrize("backend, dtype, seq, want", [
+    ("gpu", jnp.bfloat16, 64, "cudnn"), ("gpu", jnp.float32, 64, "blockwise"),
+    ("tpu", jnp.float32, 256, "splash"), ("tpu", jnp.float32, 64, "blockwise")])
+def test_auto_picks_the_hardware_kernel_when_it_fits(monkeypatch, backend, dtype, seq, want):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    q, k = jnp.zeros((1, seq, N, 32), dtype), jnp.zeros((1, seq, K, 32), dtype)
+    assert attention.resolve("auto", q, k) == want
+    assert attention.resolve("auto", q, k, cached=True) == "blockwise"  # decoding over a KV cache
+    if want == "blockwise":  # asked for explicitly, the misfit is named
+        with pytest.raises(UserError, match="needs (bfloat16|sequence lengths that are multiples of 128)"):
+            attention.resolve("cudnn" if backend == "gpu" else "splash", q, k)
+
+
 def test_unknown_impl_and_config_value_are_one_line():
     q, k, v = _qkv()
     with pytest.raises(UserError, match=r"got 'refrence' \(did you mean 'reference'\?\)"):
