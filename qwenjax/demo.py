@@ -24,7 +24,8 @@ from qwenjax.data import default_corpus_files, resolve_files
 from qwenjax.demo_report import CHECK_TOLERANCE, check_verdict, write_report
 from qwenjax.errors import UserError
 from qwenjax.hparams import predict_hparams
-from qwenjax.run_config import atomic_write_text, load_config
+from qwenjax.jsonl import atomic_write_text
+from qwenjax.run_config import load_config
 from qwenjax.scaling import load_results, make_fit, make_plots, save_fit
 from qwenjax.sweep.driver import SweepOptions, run_sweep
 from qwenjax.sweep.spec import intermediate_for, kv_heads_for, load_spec

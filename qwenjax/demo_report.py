@@ -16,7 +16,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from qwenjax import jsonl  # noqa: E402
-from qwenjax.run_config import atomic_write_text  # noqa: E402
 from qwenjax.scaling import format_law  # noqa: E402
 from qwenjax.scaling.landscape import ladder_message  # noqa: E402
 from qwenjax.sweep.results import read_lines  # noqa: E402
@@ -230,7 +229,7 @@ def write_report(out: Path, *, corpus: dict, plan, fit: dict, prediction: dict, 
         rel = Path(p).resolve().relative_to(out)
         md += [f"![{Path(p).stem}]({rel})", ""]
     path = out / "report.md"
-    atomic_write_text(path, "\n".join(md) + "\n")
+    jsonl.atomic_write_text(path, "\n".join(md) + "\n")
     return {"path": str(path), "verdict_ok": ok, "verdict": verdict, "grid": {f"{k[0]:g}/{k[1]}": v
             for k, v in grid.items()}, "predicted_losses": seed_losses, "prediction": prediction,
             "n_main": n_main, "d_main": d_main, "plots": [str(check_plot), str(curves), *plots]}

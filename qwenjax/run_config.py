@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from qwenjax.config import ModelConfig, preset
 from qwenjax.errors import UserError, did_you_mean
+from qwenjax.jsonl import atomic_write_text  # re-exported: callers import it from here too
 from qwenjax.run_sections import (
     DECAY_SHAPES,
     SCHEDULES,
@@ -308,21 +308,6 @@ def _replace_dotted(cfg: RunConfig, changes: Mapping[str, Any]) -> RunConfig:
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML atomically (temp file + rename): a kill never leaves half a file."""
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def model_config(cfg: RunConfig, *, vocab_size: int | None = None) -> ModelConfig:
