@@ -25,13 +25,12 @@ Kernels (`attention.impl`):
 cudnn and splash run only on their hardware; asked for elsewhere they raise one `UserError` line. Decoding over
 a KV cache (`q_offset` given) always uses the XLA kernels: the flash kernels assume queries and keys start
 at the same slot. Add a kernel by writing a function with the signature of `reference`, adding it to `KERNELS`
-and, if it needs special hardware, to `_PLATFORM` and `_PROBLEMS`; `run_config.ATTENTION_IMPLS` lists the names
-for config validation (JAX-free), and a test keeps the two lists equal.
+and, if it needs special hardware, to `_PLATFORM` and `_PROBLEMS`, and its name to
+`run_sections.ATTENTION_IMPLS` (the JAX-free list the run config validates against; a test keeps them equal).
 """
 
 from __future__ import annotations
 
-import difflib
 import functools
 from collections.abc import Callable
 
@@ -39,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from qwenjax.errors import UserError
+from qwenjax.run_sections import ATTENTION_IMPLS, did_you_mean
 
 AUTO = "auto"
 
@@ -139,7 +139,7 @@ def _splash_kernel(T: int, S: int, N: int, window: int | None, interpret: bool):
 
 KERNELS: dict[str, Callable[..., jax.Array]] = {
     "reference": reference, "blockwise": blockwise, "cudnn": cudnn, "splash": splash}
-IMPLS = (AUTO, *KERNELS)
+IMPLS = ATTENTION_IMPLS  # auto and the kernels
 _PLATFORM = {"cudnn": ("gpu", "an NVIDIA GPU"), "splash": ("tpu", "a TPU")}
 
 
@@ -166,9 +166,7 @@ def resolve(impl: str, q_BTNH, k_BSKH, *, cached: bool = False) -> str:
     """The kernel that `impl` stands for on this backend and these shapes (`cached`: decoding over a KV
     cache, which the XLA kernels do); a UserError line when it cannot run here."""
     if impl not in IMPLS:
-        close = difflib.get_close_matches(str(impl), IMPLS, n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UserError(f"attention.impl must be one of {', '.join(IMPLS)}, got {impl!r}{hint}")
+        raise UserError(f"attention.impl must be one of {', '.join(IMPLS)}, got {impl!r}" + did_you_mean(impl, IMPLS))
     backend = jax.default_backend()
     if impl in _PLATFORM and backend != _PLATFORM[impl][0]:
         raise UserError(f"attention.impl={impl} needs {_PLATFORM[impl][1]}, but JAX runs on {backend}; use "

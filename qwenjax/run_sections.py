@@ -15,7 +15,7 @@ from qwenjax.errors import UserError, did_you_mean
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "1-sqrt")
-ATTENTION_IMPLS = ("auto", "reference", "blockwise", "cudnn", "splash")  # qwenjax.attention.IMPLS (a test pins it)
+ATTENTION_IMPLS = ("auto", "reference", "blockwise", "cudnn", "splash")  # auto + qwenjax.attention.KERNELS
 
 
 # Defaults are the design doc's sweep defaults (AdamW 0.9/0.95/1e-8, wd 0.1, clip 1.0).
