@@ -21,6 +21,7 @@ import yaml
 
 from qwenjax.config import ModelConfig, param_counts
 from qwenjax.data import default_corpus_files, resolve_files
+from qwenjax.data.prepare import prepare_data
 from qwenjax.demo_report import CHECK_TOLERANCE, check_verdict, write_report
 from qwenjax.errors import UserError
 from qwenjax.hparams import predict_hparams
@@ -29,7 +30,6 @@ from qwenjax.run_config import load_config
 from qwenjax.scaling import load_results, make_fit, make_plots, save_fit
 from qwenjax.sweep.driver import SweepOptions, run_sweep
 from qwenjax.sweep.spec import intermediate_for, kv_heads_for, load_spec
-from qwenjax.train import prepare_data
 
 __all__ = ["CHECK_FACTORS", "CHECK_SEEDS", "CHECK_TOLERANCE", "PLANS", "DemoPlan", "check_grid", "check_verdict",
            "model_shape", "run_demo"]
