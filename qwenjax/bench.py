@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from qwenjax.config import ModelConfig, flops_per_token
+from qwenjax.config import ModelConfig, flops_per_token, param_counts
 from qwenjax.run_config import RunConfig, model_config
 
 BENCH_OVERRIDES = {  # the reference point of docs/performance-notes: a 12.6M-parameter Qwen2 shape
@@ -26,7 +26,8 @@ BENCH_OVERRIDES = {  # the reference point of docs/performance-notes: a 12.6M-pa
 }
 
 
-def _random_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+def random_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random token ids in the trainer's batch schema (benchmarks and probes: only the shapes matter)."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
@@ -37,13 +38,13 @@ def _random_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0)
 
 class _JaxSide:
     def __init__(self, cfg: RunConfig, model_cfg: ModelConfig, batch):
-        import jax
+        import jax  # JAX and the trainer load on use: `qwenjax bench --help` stays fast
 
         from qwenjax import train
         from qwenjax.train import sharding
 
         self.mesh = sharding.mesh_from_config(cfg.mesh)
-        static = train.make_optim_static(cfg)
+        static = train.make_step_static(cfg)
         self.step_fn, self.compile_s = train.compiled_train_step(
             model_cfg, static, self.mesh, cfg.train.batch_size, cfg.train.seq_len)
         self.state = train.init_state_sharded(model_cfg, jax.random.key(cfg.seed), self.mesh)
@@ -95,11 +96,11 @@ class _TorchSide:
 
 def bench_train(cfg: RunConfig, *, steps: int = 3, rounds: int = 3, with_torch: bool = True) -> dict[str, Any]:
     """Tokens/s and MFU of qwenjax's jitted train step (and of torch when `with_torch` and installed)."""
-    from qwenjax.train.metrics import peak_flops
+    from qwenjax.train.metrics import peak_flops  # JAX (see _JaxSide)
 
     model_cfg = model_config(cfg, vocab_size=cfg.model.vocab_size or 8192)
     B, T = cfg.train.batch_size, cfg.train.seq_len
-    batch = _random_batch(model_cfg.vocab_size, B, T, cfg.seed)
+    batch = random_batch(model_cfg.vocab_size, B, T, cfg.seed)
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     sides = {"qwenjax": _JaxSide(cfg, model_cfg, batch)}
     torch_note = None
@@ -121,9 +122,7 @@ def bench_train(cfg: RunConfig, *, steps: int = 3, rounds: int = 3, with_torch: 
         "steps_per_round": steps, "rounds": rounds, "compile_s": round(sides["qwenjax"].compile_s, 2),
         "peak_flops": peak, "peak_source": peak_source,
     }
-    from qwenjax.model import count_params
-
-    out["n_params_total"] = count_params(model_cfg)[0]
+    out["n_params_total"] = param_counts(model_cfg)[0]
     for name, ts in times.items():
         tok_s = B * T / statistics.median(ts)
         prefix = "" if name == "qwenjax" else "torch_"

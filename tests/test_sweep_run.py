@@ -232,8 +232,9 @@ def test_population_members_equal_their_solo_runs(tiny_sweep, tmp_path, env):
 
 @pytest.mark.slow
 def test_population_probe_and_benchmark(jax_cache):
+    from qwenjax.bench_population import benchmark_population
     from qwenjax.run_config import load_config
-    from qwenjax.sweep.population import benchmark_population, decide
+    from qwenjax.sweep.population import decide
     from qwenjax.sweep.runner import setup_jax
 
     setup_jax(jax_cache)  # the second measurement loads the steps the first compiled

@@ -17,7 +17,7 @@ from qwenjax import cli
 from qwenjax.config import ModelConfig
 from qwenjax.errors import UserError
 from qwenjax.run_config import load_config
-from qwenjax.train import init_train_state, make_hparams, mean_gradients, train, train_step
+from qwenjax.train import NEXT_TOKEN, init_train_state, make_hparams, mean_gradients, train, train_step
 from qwenjax.train.optim import OptimStatic, learning_rate, make_hp
 
 MICRO = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -39,7 +39,7 @@ def _random_batch(rng: int, batch: int, seq: int, vocab: int) -> dict[str, jax.A
 
 
 def test_grad_accumulation_equals_one_big_batch():
-    hp = make_hp(lr=1e-2, warmup_steps=0, total_steps=10, z_loss=1e-4)
+    hp = {**make_hp(lr=1e-2, warmup_steps=0, total_steps=10), **NEXT_TOKEN.make_hp(z_loss=1e-4)}
     state = init_train_state(MICRO, jax.random.key(0))
     batch = _random_batch(0, 8, 16, MICRO.vocab_size)
     grads, losses = {}, {}

@@ -231,8 +231,8 @@ def _time_model(probes, measured) -> _TimeModel:
 def _bench(args: argparse.Namespace) -> int:
     import yaml  # imported on use: see the module docstring
 
+    from qwenjax.bench_population import benchmark_population
     from qwenjax.run_config import load_config
-    from qwenjax.sweep.population import benchmark_population
 
     path = Path(args.spec)
     if not path.is_file():

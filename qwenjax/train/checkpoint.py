@@ -69,6 +69,11 @@ class Checkpointer:
                             "move that folder away to start the run afresh")
         return None
 
+    def restore_meta(self, step: int) -> dict[str, Any]:
+        """The JSON meta of checkpoint `step` alone (no arrays are read)."""
+        ocp = self._ocp
+        return dict(self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
     def _set_aside(self, steps: list[int]) -> None:
         """Rename unrestorable checkpoints to `corrupt-<step>` (kept for inspection, ignored by Orbax), so the
         resumed run can save those steps again."""

@@ -1,32 +1,28 @@
-"""The training loop and its pure parts.
+"""The training loop, written once, over a stepper: one run, or a population of learning rates.
 
-Pure, jit/vmap-able pieces (what the sweep's learning-rate populations vmap over `(state, hp)`):
+`train(run_cfg) -> summary` is a whole run: data (tokenised once into the shared on-disk cache), mesh and
+shardings, state created directly sharded or restored from the newest checkpoint in the run directory (or
+taken from a previous stage, `model.init_from`), the jitted step with donated state, logging, eval,
+checkpoints, divergence detection, the final model directory and `summary.json`. It runs unchanged on one
+CPU, a multi-GPU host or a TPU pod (every process runs it; each feeds its own rows of the global batch).
 
-    init_train_state(model_cfg, rng) -> state = {"params", "opt_state", "step"}
-    make_hparams(run_cfg) -> hp = {"lr", "warmup_steps", "total_steps", ...: float32 scalars}
-    train_step(state, batch, hp, *, model_cfg, optim_static) -> (state, {"loss", "grad_norm", "lr"})
-    eval_step(params, batch, *, model_cfg) -> (sum of token losses, number of tokens)
+`train_population(run_cfgs, strategy)` trains runs that differ only in optim.lr as one stacked program on
+one device (`qwenjax.train.step.population_step`); `qwenjax.sweep.population` decides when that pays.
 
-`train(run_cfg) -> summary` is the whole run: data (tokenised once into the shared on-disk cache), mesh
-and shardings, state created directly sharded (eval_shape + jit(out_shardings)) or restored from the
-newest checkpoint in the run directory, the jitted step with donated state, logging, eval, checkpoints,
-divergence detection, and `summary.json`. It runs unchanged on one CPU, a multi-GPU host or a TPU pod
-(every process runs it; each feeds its own rows of the global batch).
-
-Loss: mean next-token cross-entropy over the tokens with loss_mask 1 (in float32), optionally plus
-z_loss x mean(logsumexp(logits)^2). With grad_accum k, the batch's rows are split into k micro-batches
-(row r goes to micro-batch r mod k) whose summed gradients are divided by the total token count, so k
-micro-batches equal one k-times-larger batch.
+Both go through `run_steps`, so a member logs exactly the records, divergence and eval of its solo run. A
+stepper has `members` (1 for a solo run), `step(batch) -> metrics` (leaves with a leading member axis
+for a population), `split(fetched) -> [metrics per member]`, `params(i)` and `freeze(i)` (a diverged
+member keeps its state while the others go on). The solo stepper steps the unstacked compiled step, so a
+solo run pays nothing for the population axis.
 """
-
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,25 +31,88 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwenjax import model as qmodel
-from qwenjax.config import ModelConfig, flops_per_token
+from qwenjax.config import ModelConfig, flops_per_token, param_counts
+from qwenjax.data import make_eval_batches, make_train_iterator
+from qwenjax.data.prepare import DataSetup, prepare_data
 from qwenjax.errors import UserError
-from qwenjax.run_config import RunConfig, atomic_write_text, missing_keys, model_config, planned_tokens, save_config
-from qwenjax.train import optim, sharding
+from qwenjax.model_io import config_to_dict as model_config_to_dict
+from qwenjax.run_config import RunConfig, missing_keys, model_config, save_config
+from qwenjax.train import metrics as qmetrics
+from qwenjax.train import sharding
 from qwenjax.train.checkpoint import Checkpointer, abstract_with_shardings
-from qwenjax.train.compile import _setup_compilation_cache
-from qwenjax.train.data_setup import prepare_data
-from qwenjax.train.run_dir import _finished_summary, _write_fork, fork_steps, step_events
+from qwenjax.train.compile import setup_compilation_cache
+from qwenjax.train.run_dir import (
+    finished_summary,
+    fork_steps,
+    model_dir_of,
+    step_events,
+    summary_fields,
+    write_fork,
+    write_model,
+    write_summary,
+)
+from qwenjax.train.start import initial_state
 from qwenjax.train.step import (
-    State,
     abstract_state,
     compiled_eval_step,
     compiled_train_step,
     init_state_sharded,
     make_hparams,
-    make_optim_static,
+    make_step_static,
+    population_step,
+    stack,
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RunSetup:
+    """What every member of a loop shares: mesh, data, model shape, iterators and the held-out step."""
+
+    cfg: RunConfig
+    mesh: Any
+    data: DataSetup
+    model_cfg: ModelConfig
+    train_iter: Any
+    eval_sets: list
+    eval_fn: Callable
+    compile_eval_s: float
+    fpt: float  # FLOPs per token
+    peak: float
+    peak_source: str
+
+    def evaluate(self, params) -> tuple[float, dict[str, float]]:
+        return heldout_loss(self.eval_fn, params, self.eval_sets, self.data.weights)
+
+
+def setup_run(cfg: RunConfig) -> RunSetup:
+    """Validate, then build the mesh, data, iterators and held-out batches (nothing is written yet)."""
+    mesh = sharding.mesh_from_config(cfg.mesh)
+    B, T, k = cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum
+    dp = sharding.data_parallel_size(mesh)
+    if (B // k) % dp:
+        raise UserError(f"train.batch_size ({B}) / train.grad_accum ({k}) = {B // k} is not divisible by the "
+                        f"data-parallel size mesh.data x mesh.fsdp = {dp}")
+    setup_compilation_cache(cfg.data.resolved_cache_dir())
+    data = prepare_data(cfg)
+    model_cfg = model_config(cfg, vocab_size=data.vocab_size)
+    if data.vocab_size > model_cfg.vocab_size:
+        raise UserError(f"the tokenizer has {data.vocab_size} tokens but model.vocab_size is "
+                        f"{model_cfg.vocab_size}")
+    block, n_blocks = sharding.process_batch_block(mesh, B)
+    train_iter = make_train_iterator(data.caches, data.weights, seq_len=T, global_batch_size=B, seed=cfg.seed,
+                                     process_index=block, process_count=n_blocks)
+    eval_bs = B // k
+    e_block, e_blocks = sharding.process_batch_block(mesh, eval_bs)
+    eval_sets = [[sharding.global_batch(b, mesh, eval_bs) for b in make_eval_batches(
+        c, seq_len=T, batch_size=eval_bs, num_batches=cfg.eval.num_batches(eval_bs), process_index=e_block,
+        process_count=e_blocks)] for c in data.caches]
+    eval_fn, compile_eval_s = compiled_eval_step(model_cfg, mesh, eval_bs, T,
+                                                 attention_impl=cfg.attention.impl)
+    peak, peak_source = qmetrics.peak_flops(mesh.devices.flat)
+    return RunSetup(cfg, mesh, data, model_cfg, train_iter, eval_sets, eval_fn, compile_eval_s,
+                    flops_per_token(model_cfg, T), peak, peak_source)
 
 
 def heldout_loss(eval_fn, params, eval_sets, weights) -> tuple[float, dict[str, float]]:
@@ -68,12 +127,167 @@ def heldout_loss(eval_fn, params, eval_sets, weights) -> tuple[float, dict[str, 
     return float(np.dot(w, losses)), per_source
 
 
-def _mean_last(values: list[float], fraction: float = 0.1) -> float | None:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    n = max(1, math.ceil(fraction * len(values)))
-    return float(np.mean(values[-n:]))
+# ---------------------------------------------------------------------------------------------------------
+# Steppers
+
+
+class SoloStepper:
+    """One run: the compiled, sharded step with donated state."""
+
+    members = 1
+
+    def __init__(self, step_fn, state, hp):
+        self.step_fn, self.state, self.hp = step_fn, state, hp
+
+    def step(self, batch):
+        self.state, metrics = self.step_fn(self.state, batch, self.hp)
+        return metrics
+
+    def split(self, fetched: dict) -> list[dict]:
+        return [fetched]
+
+    def params(self, i: int):
+        return self.state["params"]
+
+    def freeze(self, i: int) -> None:
+        """Nothing to do: a diverged solo run stops."""
+
+
+class PopulationStepper:
+    """Members stacked along a leading axis on one device, stepped by one program; the first call's time
+    (compile + one step) is `compile_s`."""
+
+    def __init__(self, setup: RunSetup, cfgs: Sequence[RunConfig], strategy: str):
+        static = make_step_static(cfgs[0])
+        self.members = len(cfgs)
+        self.step_fn = population_step(setup.model_cfg, static, strategy, self.members)
+        self.hps = stack([make_hparams(c) for c in cfgs])
+        state0 = init_state_sharded(setup.model_cfg, jax.random.key(cfgs[0].seed), setup.mesh)
+        self.states = stack([state0] * self.members)
+        self.alive = np.ones(self.members, bool)
+        self.alive_dev = None  # alive on the device, re-sent only when a member diverges
+        self.compile_s = None
+        mc = setup.model_cfg
+        self.param_sh = sharding.state_shardings(qmodel.abstract_params(mc), setup.mesh, mc)
+
+    def step(self, batch):
+        call_t = time.perf_counter()
+        if self.alive_dev is None:
+            self.alive_dev = jnp.asarray(self.alive)
+        self.states, metrics = self.step_fn(self.states, batch, self.hps, self.alive_dev)
+        if self.compile_s is None:  # first call: compile + one step
+            jax.block_until_ready(metrics)
+            self.compile_s = time.perf_counter() - call_t
+        return metrics
+
+    def split(self, fetched: dict) -> list[dict]:
+        return [{k: v[i] for k, v in fetched.items()} for i in range(self.members)]
+
+    def params(self, i: int):
+        return jax.device_put(jax.tree.map(lambda x: x[i], self.states["params"]), self.param_sh)
+
+    def freeze(self, i: int) -> None:
+        self.alive[i], self.alive_dev = False, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass
+class Member:
+    """One run's bookkeeping in the loop."""
+
+    cfg: RunConfig
+    logger: qmetrics.MetricsLogger
+    records: list[dict]
+    initial_loss: float | None = None
+    diverged_step: int | None = None
+    eval_loss: float | None = None
+
+
+@dataclasses.dataclass
+class Progress:
+    step: int
+    train_s: float = 0.0  # time in steps (excluding eval, checkpoint saves and fork hand-overs)
+
+
+def run_steps(setup: RunSetup, stepper, members: list[Member], progress: Progress, *,
+              forks_at: dict[int, list] | None = None, handover: Callable | None = None,
+              after_log: Callable | None = None) -> None:
+    """Step until train.steps or until every member diverged; log, evaluate and judge divergence on the
+    one cadence (`step_events`). `handover(forks)` hands the state to forks (returns seconds taken);
+    `after_log(do_ckpt, forks)` runs after a logged step of a member that has not diverged."""
+    cfg, P = setup.cfg, stepper.members
+    B, T = cfg.train.batch_size, cfg.train.seq_len
+    forks_at = forks_at or {}
+    pending: list[tuple[int, Any]] = []
+    mark_time, mark_step = time.perf_counter(), progress.step
+    while progress.step < cfg.train.steps and any(m.diverged_step is None for m in members):
+        batch = sharding.global_batch(next(setup.train_iter), setup.mesh, B)
+        metrics = stepper.step(batch)
+        progress.step += 1
+        step = progress.step
+        pending.append((step, metrics))
+        do_eval, do_ckpt, fetch = step_events(cfg, step)
+        forks_here = forks_at.get(step, ())
+        if not (fetch or forks_here):
+            continue
+        fetched = [stepper.split(m) for m in jax.device_get([m for _, m in pending])]
+        now = time.perf_counter()
+        judged = {i: _judge(m, [(s, f[i]) for (s, _), f in zip(pending, fetched, strict=True)])
+                  for i, m in enumerate(members) if m.diverged_step is None}
+        if forks_here and not fetch and all(m.diverged_step is None for m in members):
+            mark_time += handover(forks_here)  # between logged steps: hand over, log nothing
+            continue
+        progress.train_s += now - mark_time
+        tokens_per_s = (step - mark_step) * B * T / max(now - mark_time, 1e-9)
+        pending.clear()
+        for i, (record_step, values) in judged.items():
+            m = members[i]
+            record = {"step": record_step, "loss": float(values["loss"]), "lr": float(values["lr"]),
+                      "grad_norm": float(values["grad_norm"]), "tokens": record_step * B * T,
+                      "tokens_per_s": tokens_per_s / P, "mfu": tokens_per_s * setup.fpt / setup.peak}
+            if m.diverged_step is not None:
+                stepper.freeze(i)
+                m.logger.message(f"diverged at step {m.diverged_step}: loss {record['loss']:.4g} (initial "
+                                 f"{m.initial_loss:.4g}, limit x{m.cfg.train.divergence_factor})")
+            elif do_eval:
+                m.eval_loss, per_source = setup.evaluate(stepper.params(i))
+                record.update(eval_loss=m.eval_loss, **per_source)
+            m.records.append(record)
+            m.logger.log(record)
+            if m.diverged_step is None and after_log is not None:
+                after_log(do_ckpt, forks_here)
+        mark_time, mark_step = time.perf_counter(), step
+    for i, m in enumerate(members):
+        if m.diverged_step is None and m.eval_loss is None:  # resumed at the very end: evaluate once more
+            m.eval_loss, _ = setup.evaluate(stepper.params(i))
+
+
+def _judge(m: Member, steps: list[tuple[int, dict]]) -> tuple[int, dict]:
+    """(step, metrics) to record for member `m` over the steps fetched now: the last one, or the first
+    whose loss is non-finite or above divergence_factor x the run's first loss (then `m` has diverged)."""
+    for s, values in steps:
+        loss = float(values["loss"])
+        if m.initial_loss is None:
+            m.initial_loss = loss
+        if not math.isfinite(loss) or loss > m.cfg.train.divergence_factor * m.initial_loss:
+            m.diverged_step = s
+            return s, values
+    return steps[-1]
+
+
+def _close(setup: RunSetup | None, loggers) -> None:
+    for lg in loggers:
+        lg.close()
+    close = getattr(setup.train_iter, "close", None) if setup is not None else None
+    if close:
+        close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One run
 
 
 def train(cfg: RunConfig, forks: Sequence[RunConfig] = ()) -> dict[str, Any]:
@@ -87,9 +301,6 @@ def train(cfg: RunConfig, forks: Sequence[RunConfig] = ()) -> dict[str, Any]:
     so far, config), so `train(fork)` resumes from it and trains only the fork's cooldown, bit-identical to
     training the fork from scratch. A fork that already has a checkpoint or a summary is left alone.
     """
-    from qwenjax.data import make_eval_batches, make_train_iterator
-    from qwenjax.train import metrics as qmetrics
-
     t_start = time.perf_counter()
     sharding.maybe_initialize_distributed()
     unset = missing_keys(cfg)
@@ -97,44 +308,22 @@ def train(cfg: RunConfig, forks: Sequence[RunConfig] = ()) -> dict[str, Any]:
         raise UserError(f"{unset[0]} is not set (the config has ???); pass {unset[0]}=VALUE")
     forks_at = fork_steps(cfg, forks)
     run_dir = Path(cfg.run_dir).expanduser()
-    done = _finished_summary(run_dir, cfg)
+    done = finished_summary(run_dir, cfg)
     if done is not None:
         log.info("%s already finished (summary.json); nothing to do", run_dir)
         return done
     is_main = jax.process_index() == 0
 
-    # Mesh and data (all validation before anything is written to the run directory).
-    mesh = sharding.mesh_from_config(cfg.mesh)
-    B, T, k = cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum
-    dp = sharding.data_parallel_size(mesh)
-    if (B // k) % dp:
-        raise UserError(f"train.batch_size ({B}) / train.grad_accum ({k}) = {B // k} is not divisible by the "
-                        f"data-parallel size mesh.data x mesh.fsdp = {dp}")
-    _setup_compilation_cache(cfg.data.resolved_cache_dir())
-    data = prepare_data(cfg)
-    model_cfg = model_config(cfg, vocab_size=data.vocab_size)
-    if data.vocab_size > model_cfg.vocab_size:
-        raise UserError(f"the tokenizer has {data.vocab_size} tokens but model.vocab_size is "
-                        f"{model_cfg.vocab_size}")
-    block, n_blocks = sharding.process_batch_block(mesh, B)
-    train_iter = make_train_iterator(data.caches, data.weights, seq_len=T, global_batch_size=B, seed=cfg.seed,
-                                     process_index=block, process_count=n_blocks)
-    eval_bs = B // k
-    e_block, e_blocks = sharding.process_batch_block(mesh, eval_bs)
-    eval_sets = [[sharding.global_batch(b, mesh, eval_bs) for b in make_eval_batches(
-        c, seq_len=T, batch_size=eval_bs, num_batches=cfg.eval.num_batches(eval_bs), process_index=e_block,
-        process_count=e_blocks)] for c in data.caches]
-
-    n_total, n_non_embedding = qmodel.count_params(model_cfg)
-    fpt = flops_per_token(model_cfg, T)
-    static = make_optim_static(cfg)
-    hp = jax.device_put(make_hparams(cfg), sharding.replicated(mesh))
+    setup = setup_run(cfg)  # all validation before anything is written to the run directory
+    mesh, model_cfg = setup.mesh, setup.model_cfg
+    B, T = cfg.train.batch_size, cfg.train.seq_len
+    static = make_step_static(cfg)
+    rep = sharding.replicated(mesh)
+    hp = jax.device_put(make_hparams(cfg), rep)
     abstract = abstract_state(model_cfg)
     state_sh = sharding.state_shardings(abstract, mesh, model_cfg)
-    rep = sharding.replicated(mesh)
-    rng = jax.random.key(cfg.seed)
     # The key as a replicated global array (Orbax saves only global arrays in multi-process runs).
-    rng_host = np.asarray(jax.random.key_data(rng))
+    rng_host = np.asarray(jax.random.key_data(jax.random.key(cfg.seed)))
     rng_data = jax.make_array_from_callback(rng_host.shape, rep, lambda index: rng_host[index])
 
     # Resume, or start fresh (or from model.init_from).
@@ -146,12 +335,14 @@ def train(cfg: RunConfig, forks: Sequence[RunConfig] = ()) -> dict[str, Any]:
     if restored is not None:
         start_step, saved, meta = restored
         state = saved["train"]
-        train_iter.set_state(meta["data"])
+        setup.train_iter.set_state(meta["data"])
         log.info("resuming %s from step %d", run_dir, start_step)
     else:
         start_step = 0
-        state = _initial_state(cfg, model_cfg, rng, mesh, state_sh)
-    origin = {k: meta[k] for k in ("fork_of", "fork_step") if k in meta}  # a fork keeps saying it is one
+        state = initial_state(cfg, model_cfg, jax.random.key(cfg.seed), mesh, state_sh)
+    origin = {k: meta[k] for k in ("fork_of", "fork_step", "init_from") if k in meta}
+    if restored is None and cfg.model.init_from:
+        origin["init_from"] = str(Path(cfg.model.init_from).expanduser().resolve())
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -159,143 +350,115 @@ def train(cfg: RunConfig, forks: Sequence[RunConfig] = ()) -> dict[str, Any]:
     else:
         records = []
 
-    peak, peak_source = qmetrics.peak_flops(mesh.devices.flat)
     step_fn, compile_train_s = compiled_train_step(model_cfg, static, mesh, B, T)
-    eval_fn, compile_eval_s = compiled_eval_step(model_cfg, mesh, eval_bs, T)
-    compile_s = float(meta.get("compile_s", 0.0)) + compile_train_s + compile_eval_s
+    compile_now = compile_train_s + setup.compile_eval_s
+    compile_s = float(meta.get("compile_s", 0.0)) + compile_now
     logger = qmetrics.MetricsLogger(run_dir, total_steps=cfg.train.steps, start_step=start_step,
                                     enabled=is_main)
+    n_total, n_non_embedding = param_counts(model_cfg)
     logger.message(
         f"{run_dir}: N = {n_non_embedding:,} non-embedding params ({n_total:,} total), "
-        f"D = {planned_tokens(cfg):,} tokens ({cfg.train.steps} steps x {B} x {T}), "
+        f"D = {cfg.train.steps * B * T:,} tokens ({cfg.train.steps} steps x {B} x {T}), "
         f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices "
-        f"({jax.process_count()} processes), compile {compile_train_s + compile_eval_s:.1f} s, "
-        f"peak {peak / 1e9:,.1f} GFLOP/s ({peak_source})")
+        f"({jax.process_count()} processes), compile {compile_now:.1f} s, "
+        f"peak {setup.peak / 1e9:,.1f} GFLOP/s ({setup.peak_source})")
 
-    def evaluate(params) -> tuple[float, dict[str, float]]:
-        return heldout_loss(eval_fn, params, eval_sets, data.weights)
-
-    def checkpoint_meta() -> dict[str, Any]:
-        return {"data": train_iter.get_state(), "initial_loss": initial_loss,
-                "wall_s": prior_wall + time.perf_counter() - t_start, "train_s": prior_train_s + train_s,
-                "compile_s": compile_s, "step": step, **origin}
-
-    def write_forks(fork_cfgs) -> float:
-        """Hand this run's state after `step` steps to the forks that start here; returns the seconds taken."""
-        t0 = time.perf_counter()
-        fork_meta = {**checkpoint_meta(), "fork_of": str(run_dir), "fork_step": step}
-        for fork in fork_cfgs:
-            _write_fork(fork, step, {"train": state, "rng": rng_data}, fork_meta, records, is_main)
-        return time.perf_counter() - t0
-
-    initial_loss = meta.get("initial_loss")
+    stepper = SoloStepper(step_fn, state, hp)
+    member = Member(cfg, logger, records, initial_loss=meta.get("initial_loss"))
+    progress = Progress(start_step)
     prior_wall = float(meta.get("wall_s", 0.0))
     prior_train_s = float(meta.get("train_s", 0.0))
-    train_s = 0.0  # time in steps of this invocation (excluding eval and checkpoint saves)
-    diverged, diverged_step, eval_loss = False, None, None
-    step = start_step
-    pending: list[tuple[int, dict]] = []
-    mark_time, mark_step = time.perf_counter(), step
+
+    def checkpoint_meta() -> dict[str, Any]:
+        return {"data": setup.train_iter.get_state(), "initial_loss": member.initial_loss,
+                "wall_s": prior_wall + time.perf_counter() - t_start,
+                "train_s": prior_train_s + progress.train_s, "compile_s": compile_s, "step": progress.step,
+                "model_config": model_config_to_dict(model_cfg), **origin}
+
+    def handover(fork_cfgs) -> float:
+        """Hand this run's state after `step` steps to the forks that start here; returns the seconds taken."""
+        t0 = time.perf_counter()
+        fork_meta = {**checkpoint_meta(), "fork_of": str(run_dir), "fork_step": progress.step}
+        for fork in fork_cfgs:
+            write_fork(fork, progress.step, {"train": stepper.state, "rng": rng_data}, fork_meta, records,
+                       is_main)
+        return time.perf_counter() - t0
+
+    def after_log(do_ckpt: bool, forks_here) -> None:
+        if forks_here:  # before this run's own checkpoint: a resume never skips a fork
+            handover(forks_here)
+        if do_ckpt:
+            ckpt.save(progress.step, {"train": stepper.state, "rng": rng_data}, checkpoint_meta())
 
     try:
-        while step < cfg.train.steps and not diverged:
-            batch = sharding.global_batch(next(train_iter), mesh, B)
-            state, step_metrics = step_fn(state, batch, hp)
-            step += 1
-            pending.append((step, step_metrics))
-            do_eval, do_ckpt, fetch = step_events(cfg, step)
-            forks_here = forks_at.get(step, ())
-            if not (fetch or forks_here):
-                continue
-            fetched = jax.device_get([m for _, m in pending])
-            now = time.perf_counter()
-            record_step, values = pending[-1][0], fetched[-1]
-            for (s, _), m in zip(pending, fetched, strict=True):
-                loss = float(m["loss"])
-                if initial_loss is None:
-                    initial_loss = loss
-                if not math.isfinite(loss) or loss > cfg.train.divergence_factor * initial_loss:
-                    diverged, diverged_step, record_step, values = True, s, s, m
-                    break
-            if forks_here and not diverged and not fetch:  # between logged steps: hand over, log nothing
-                mark_time += write_forks(forks_here)
-                continue
-            train_s += now - mark_time
-            tokens_per_s = (step - mark_step) * B * T / max(now - mark_time, 1e-9)
-            pending.clear()
-            record = {"step": record_step, "loss": float(values["loss"]), "lr": float(values["lr"]),
-                      "grad_norm": float(values["grad_norm"]), "tokens": record_step * B * T,
-                      "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * fpt / peak}
-            if diverged:
-                logger.message(f"diverged at step {diverged_step}: loss {record['loss']:.4g} "
-                               f"(initial {initial_loss:.4g}, limit x{cfg.train.divergence_factor})")
-            elif do_eval:
-                eval_loss, per_source = evaluate(state["params"])
-                record.update(eval_loss=eval_loss, **per_source)
-            records.append(record)
-            logger.log(record)
-            if forks_here and not diverged:  # before this run's own checkpoint: a resume never skips a fork
-                write_forks(forks_here)
-            if do_ckpt and not diverged:
-                ckpt.save(step, {"train": state, "rng": rng_data}, checkpoint_meta())
-            mark_time, mark_step = time.perf_counter(), step
-        if not diverged and eval_loss is None:  # resumed at the very end: evaluate once more
-            eval_loss, _ = evaluate(state["params"])
+        run_steps(setup, stepper, [member], progress, forks_at=forks_at, handover=handover,
+                  after_log=after_log)
     finally:
         if ckpt is not None:
             ckpt.close()
-        logger.close()
-        close = getattr(train_iter, "close", None)
-        if close:
-            close()
+        _close(setup, [logger])
 
-    steps_done = diverged_step if diverged else step
+    diverged = member.diverged_step is not None
+    if cfg.checkpoint.enabled and not diverged:
+        write_model(model_dir_of(run_dir), model_cfg, stepper.state["params"])
+    total_train_s = prior_train_s + progress.train_s
+    steps_done = member.diverged_step if diverged else progress.step
     tokens = steps_done * B * T
-    total_train_s = prior_train_s + train_s
-    summary = {
-        "run_dir": str(run_dir), "complete": True, "status": "diverged" if diverged else "ok",
-        "n_params": n_non_embedding, "n_params_total": n_total,
-        "tokens": tokens, "planned_tokens": planned_tokens(cfg),
-        "steps": cfg.train.steps, "steps_completed": steps_done, "batch_size": B, "seq_len": T,
-        "batch_tokens": B * T, "lr": cfg.optim.lr,
-        "final_loss": _mean_last([r.get("loss") for r in records]),
-        "eval_loss": None if diverged else eval_loss,
-        "initial_loss": initial_loss, "diverged": diverged, "diverged_step": diverged_step,
-        "wall_s": prior_wall + time.perf_counter() - t_start, "compile_s": compile_s,
-        "flops": fpt * tokens, "flops_per_token": fpt,
-        "tokens_per_s": tokens / total_train_s if total_train_s > 0 else None,
-        "mfu": (tokens * fpt / total_train_s / peak) if total_train_s > 0 else None,
-        "peak_flops": peak, "peak_flops_source": peak_source,
-        "unigram_entropy": data.caches[0].unigram_entropy("heldout"),
-        "vocab_size": model_cfg.vocab_size, "tokenizer": str(data.tokenizer_path),
-        "schedule": cfg.optim.schedule, "warmup_steps": cfg.optim.warmup_steps,
-        "weight_decay": cfg.optim.weight_decay, "seed": cfg.seed,
-        "mesh": dict(mesh.shape), "devices": jax.device_count(), "processes": jax.process_count(),
-        "platform": jax.devices()[0].platform,
-        "hparams": cfg.hparams, **origin,
-    }
-    summary = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
-    if is_main:
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    summary = summary_fields(cfg, member, setup, steps_done)
+    summary.update(
+        wall_s=prior_wall + time.perf_counter() - t_start, compile_s=compile_s,
+        tokens_per_s=tokens / total_train_s if total_train_s > 0 else None,
+        mfu=(tokens * setup.fpt / total_train_s / setup.peak) if total_train_s > 0 else None)
+    summary = write_summary(run_dir, {**summary, **origin}, is_main)
     return summary
 
 
-def _initial_state(cfg: RunConfig, model_cfg: ModelConfig, rng, mesh, state_sh) -> State:
-    if not cfg.model.init_from:
-        return init_state_sharded(model_cfg, rng, mesh)
-    from qwenjax.model_io import load_model
+# ---------------------------------------------------------------------------------------------------------
+# A population of learning rates
 
-    loaded_cfg, params = load_model(cfg.model.init_from, shardings=state_sh["params"])
-    want = abstract_state(model_cfg)["params"]
 
-    def shapes(tree):
-        return [(jax.tree_util.keystr(p), x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+def train_population(run_cfgs: Sequence[RunConfig], strategy: str = "map") -> list[dict]:
+    """Train runs that differ only in optim.lr together on one device; one summary per member (as `train`).
 
-    if shapes(want) != shapes(params):
-        raise UserError(f"model.init_from {cfg.model.init_from}: its parameters do not match the configured "
-                        f"model (checkpoint hidden_size={loaded_cfg.hidden_size}, "
-                        f"layers={loaded_cfg.num_hidden_layers}, vocab={loaded_cfg.vocab_size})")
-    params = jax.tree.map(lambda x, w: x.astype(w.dtype), params, want)
-    opt_state = jax.jit(optim.init_opt_state, out_shardings=state_sh["opt_state"])(params)
-    step0 = jax.device_put(jnp.zeros((), jnp.int32), state_sh["step"])
-    return {"params": params, "opt_state": opt_state, "step": step0}
+    Every member gets its own run_dir with config.yaml, metrics.jsonl and summary.json exactly as its solo
+    run writes them. Populations do not checkpoint: a killed population starts again."""
+    t_start = time.perf_counter()
+    cfgs = list(run_cfgs)
+    base, P = cfgs[0], len(cfgs)
+    if sharding.mesh_from_config(base.mesh).devices.size != 1:
+        raise ValueError("populations train on one device; this mesh has several")
+    setup = setup_run(base)
+    stepper = PopulationStepper(setup, cfgs, strategy)
+    members = [Member(c, _member_logger(c), []) for c in cfgs]
+    progress = Progress(0)
+    try:
+        run_steps(setup, stepper, members, progress)
+    finally:
+        _close(setup, [m.logger for m in members])
+
+    wall = time.perf_counter() - t_start
+    compile_s = (stepper.compile_s or 0.0) + setup.compile_eval_s
+    B, T = base.train.batch_size, base.train.seq_len
+    summaries = []
+    for m in members:
+        steps_done = m.diverged_step if m.diverged_step is not None else progress.step
+        summary = summary_fields(m.cfg, m, setup, steps_done)
+        train_s = progress.train_s
+        summary.update(  # the population's time, split evenly: what each member cost
+            wall_s=wall / P, compile_s=compile_s / P,
+            tokens_per_s=progress.step * B * T / train_s if train_s > 0 else None,
+            mfu=progress.step * B * T * setup.fpt / train_s / setup.peak if train_s > 0 else None,
+            devices=1, processes=1, mode="population",
+            population={"size": P, "strategy": strategy, "wall_s": wall, "compile_s": compile_s,
+                        "lrs": [c.optim.lr for c in cfgs]})
+        summaries.append(write_summary(Path(m.cfg.run_dir).expanduser(), summary, True))
+    return summaries
+
+
+def _member_logger(cfg: RunConfig) -> qmetrics.MetricsLogger:
+    run_dir = Path(cfg.run_dir).expanduser()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    (run_dir / "summary.json").unlink(missing_ok=True)
+    qmetrics.truncate_metrics(run_dir / "metrics.jsonl", 0)
+    return qmetrics.MetricsLogger(run_dir, total_steps=cfg.train.steps, tensorboard=False, progress=False)

@@ -1,11 +1,12 @@
 """AdamW with traced hyperparameters, global-norm clipping and warmup + cosine / WSD / constant schedules.
 
 Why traced: a learning-rate sweep runs many configurations of equal shapes. Every number that only scales
-the update (peak lr, warmup, total steps, floor, weight decay, Adam betas and eps, clip norm, z-loss) is a
+the update (peak lr, warmup, total steps, floor, weight decay, Adam betas and eps, clip norm) is a
 float32 scalar in the dict `hp`, an ARGUMENT of the jitted step, so all those runs share one compiled step
 and a population of learning rates can be `jax.vmap`ped over `(state, hp)`. Only what changes the program
-is static (`OptimStatic`: the schedule kind and WSD decay shape, the number of micro-batches, which
-parameters are decayed).
+is static (`OptimStatic`: the schedule kind and WSD decay shape, which parameters are decayed). What is
+minimised (and its z-loss) and the number of micro-batches belong to the step, not to the optimizer
+(`qwenjax.train.objectives`, `qwenjax.train.step.StepStatic`).
 
 The update (decoupled weight decay, as AdamW):
     g   = clip(grad, clip_norm)                      (global norm; clip_norm 0 = off)
@@ -27,7 +28,7 @@ from qwenjax.errors import UserError
 from qwenjax.run_config import DECAY_SHAPES, SCHEDULES
 
 HP_KEYS = ("lr", "warmup_steps", "total_steps", "min_lr_ratio", "decay_fraction", "weight_decay",
-           "b1", "b2", "eps", "clip_norm", "z_loss")
+           "b1", "b2", "eps", "clip_norm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,6 @@ class OptimStatic:
     """The parts of the optimizer that change the compiled program (hashable: a static jit argument)."""
 
     schedule: str = "cosine"  # cosine | wsd | constant
-    grad_accum: int = 1  # micro-batches per step
     decay_embeddings: bool = False  # decay embed_tokens too (norms and biases never)
     decay_shape: str = "linear"  # wsd: linear | 1-sqrt
 
@@ -48,11 +48,11 @@ class OptimStatic:
 
 def make_hp(*, lr: float, warmup_steps: float, total_steps: float, min_lr_ratio: float = 0.1,
             decay_fraction: float = 0.2, weight_decay: float = 0.1, b1: float = 0.9, b2: float = 0.95,
-            eps: float = 1e-8, clip_norm: float = 1.0, z_loss: float = 0.0) -> dict[str, jax.Array]:
+            eps: float = 1e-8, clip_norm: float = 1.0) -> dict[str, jax.Array]:
     """The traced hyperparameters as float32 scalars (stack several with `jax.tree.map(jnp.stack, ...)`)."""
     values = dict(lr=lr, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio,
                   decay_fraction=decay_fraction, weight_decay=weight_decay, b1=b1, b2=b2, eps=eps,
-                  clip_norm=clip_norm, z_loss=z_loss)
+                  clip_norm=clip_norm)
     return {k: jnp.asarray(values[k], jnp.float32) for k in HP_KEYS}
 
 
