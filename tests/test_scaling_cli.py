@@ -11,7 +11,7 @@ import qwenjax.scaling
 from qwenjax.scaling import QWEN25_PRESETS, load_fit
 from qwenjax.scaling.synthetic import synthetic_results, write_results
 
-# Non-embedding N of the seven presets (docs: qwen2.5 spec, table 2.1); computing them needs JAX tracing.
+# Non-embedding N of the seven presets (docs: qwen2.5 spec, table 2.1), patched in to pin the fit's inputs.
 QWEN25_N = dict(
     zip(
         QWEN25_PRESETS,
@@ -49,7 +49,7 @@ def results(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fitted(results, tmp_path_factory):
-    """FIT.json and plots from one `qwenjax fit` run (presets' N patched in to skip JAX tracing)."""
+    """FIT.json and plots from one `qwenjax fit` run (presets' N patched in from the spec table)."""
     out = tmp_path_factory.mktemp("fit")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(qwenjax.scaling, "preset_n_params", QWEN25_N.__getitem__)
@@ -151,7 +151,7 @@ def test_predict_prints_one_json_object(cli, fitted):
 
 
 def test_predict_preset(cli, fitted):
-    """--preset takes N from the model's own count_params (the one test that pays for JAX tracing)."""
+    """--preset takes N from the preset's shapes (config.param_counts, equal to the model's count_params)."""
     pytest.importorskip("qwenjax.model")
     status, out, _ = cli("predict", fitted / "FIT.json", "--preset", "qwen2.5-0.5b", "--tokens", "18T")
     assert status == 0
@@ -256,7 +256,7 @@ def test_fit_help_lists_every_estimator(capsys):
 
 @pytest.mark.parametrize("method", ["nearopt", "surface"])
 def test_fit_holdout_end_to_end(cli, results, tmp_path, monkeypatch, method):
-    monkeypatch.setattr(qwenjax.scaling, "preset_n_params", QWEN25_N.__getitem__)  # no JAX tracing
+    monkeypatch.setattr(qwenjax.scaling, "preset_n_params", QWEN25_N.__getitem__)  # the spec table
     plots = ("--plots", tmp_path / "plots") if method == "surface" else ()  # plots cost seconds: draw them once
     status, out, err = cli(
         "fit", results, "-o", tmp_path / "FIT.json", "--holdout", "largest", "--method", method,
