@@ -12,7 +12,7 @@ import sys
 
 from qwenjax.errors import UserError
 
-COMMANDS = ("convert", "generate", "tokenizer", "train", "bench", "sweep", "fit", "predict", "demo")
+COMMANDS = ("convert", "generate", "tokenizer", "train", "export", "bench", "sweep", "fit", "predict", "demo")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -400,7 +400,7 @@ def train(cfg: RunConfig, forks: Sequence[RunConfig] = ()) -> dict[str, Any]:
 
     diverged = member.diverged_step is not None
     if cfg.checkpoint.enabled and not diverged:
-        write_model(model_dir_of(run_dir), model_cfg, stepper.state["params"])
+        write_model(model_dir_of(run_dir), model_cfg, stepper.state["params"], setup.data.tokenizer_path)
     total_train_s = prior_train_s + progress.train_s
     steps_done = member.diverged_step if diverged else progress.step
     tokens = steps_done * B * T

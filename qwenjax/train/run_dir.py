@@ -202,9 +202,23 @@ def model_dir_of(run_dir: Path) -> Path:
     return Path(run_dir) / MODEL_DIR
 
 
-def write_model(directory: Path, model_cfg: ModelConfig, params) -> None:
-    """The run's final params as a model directory (every process calls it; Orbax coordinates)."""
+def write_model(directory: Path, model_cfg: ModelConfig, params, tokenizer: str | Path | None = None) -> Path:
+    """The run's params as a model directory, with its tokenizer beside them (what `generate` looks for).
+    Every process calls it (Orbax coordinates the write)."""
     model_io.save_model(directory, model_cfg, params, overwrite=True)
+    if tokenizer is not None and jax.process_index() == 0:
+        copy_tokenizer(Path(tokenizer).expanduser(), directory)
+    return directory
+
+
+def copy_tokenizer(source: Path, directory: Path) -> None:
+    """A sentencepiece `.model` file, or a folder's tokenizer files (tokenizer*.json, *.model, vocab, merges)."""
+    files = [source] if source.is_file() else [
+        f for pattern in ("tokenizer*.json", "*.model", "vocab.json", "merges.txt", "special_tokens_map.json")
+        for f in sorted(source.glob(pattern))]
+    for f in files:
+        if f.is_file():
+            shutil.copy2(f, directory / f.name)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -271,7 +285,14 @@ def export_model(run_dir: str | Path, to: str | Path) -> Path:
         raise UserError(f"{to} already holds a model checkpoint; choose a new folder")
     if checkpoint_steps(run_dir):
         model_cfg, state, _ = restore_run_state(run_dir)
-        return model_io.save_model(to, model_cfg, state["params"])
+        summary = run_dir / "summary.json"
+        tokenizer = json.loads(summary.read_text()).get("tokenizer") if summary.is_file() else None
+        if tokenizer is None and model_io.is_model_dir(model_dir_of(run_dir)):
+            tokenizer = model_dir_of(run_dir)
+        write_model(to, model_cfg, state["params"])
+        if tokenizer is not None and Path(tokenizer).exists():
+            copy_tokenizer(Path(tokenizer), to)
+        return to
     if model_io.is_model_dir(model_dir_of(run_dir)):
         shutil.copytree(model_dir_of(run_dir), to, dirs_exist_ok=True)
         return to
