@@ -40,8 +40,8 @@ class _JaxSide:
     def __init__(self, cfg: RunConfig, model_cfg: ModelConfig, batch):
         import jax  # JAX and the trainer load on use: `qwenjax bench --help` stays fast
 
-        from qwenjax import train
-        from qwenjax.train import sharding
+        from qwenjax import train  # JAX (above)
+        from qwenjax.train import sharding  # JAX (above)
 
         self.mesh = sharding.mesh_from_config(cfg.mesh)
         static = train.make_step_static(cfg)
@@ -62,8 +62,8 @@ class _JaxSide:
 
 class _TorchSide:
     def __init__(self, cfg: RunConfig, model_cfg: ModelConfig, batch, threads: int):
-        import torch
-        from transformers import Qwen2Config, Qwen2ForCausalLM
+        import torch  # optional dependency (the hf extra)
+        from transformers import Qwen2Config, Qwen2ForCausalLM  # optional dependency (the hf extra)
 
         torch.set_num_threads(threads)
         torch.manual_seed(cfg.seed)

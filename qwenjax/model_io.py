@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import orbax.checkpoint as ocp
 
 from qwenjax.config import ModelConfig
 from qwenjax.errors import UserError
@@ -74,8 +75,6 @@ def save_model(directory: str | os.PathLike, config: ModelConfig, params: Params
     The params' dtype must be `config.param_dtype` (what `load_model` restores them as). Call it on every
     process of a multi-process job (Orbax coordinates the write).
     """
-    import orbax.checkpoint as ocp
-
     directory = Path(directory).expanduser().absolute()
     _check_structure(config, params)
     dtypes = {jax.numpy.dtype(x.dtype).name for x in jax.tree.leaves(params)}
@@ -120,8 +119,6 @@ def load_model(directory: str | os.PathLike, *, shardings=None) -> tuple[ModelCo
     `shardings`: a pytree like the params of `jax.sharding.Sharding`, or a callable taking a param path
     (tuple of strings, as `qwenjax.model.param_paths`); default: everything on the first local device.
     """
-    import orbax.checkpoint as ocp
-
     directory = Path(directory).expanduser().absolute()
     config = load_config(directory)
     if not (directory / PARAMS_DIR).is_dir():

@@ -211,7 +211,7 @@ def execute_population(unit: dict, run_fn, emit: Callable[[dict], None],
 
 def _decision(unit: dict, cfgs: list, members: int) -> dict | None:
     from qwenjax.data.prepare import prepare_data  # JAX (see `measure`)
-    from qwenjax.train import sharding
+    from qwenjax.train import sharding  # JAX (see `measure`)
 
     path = unit.get("decisions")
     force = unit.get("force")

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from qwenjax.errors import UserError
 
@@ -24,8 +26,6 @@ class Checkpointer:
     """Save/restore `(state pytree, meta dict)` pairs by step, keeping the newest `keep`."""
 
     def __init__(self, directory: str | Path, *, keep: int = 2, use_async: bool = True):
-        import orbax.checkpoint as ocp
-
         self.directory = Path(directory).expanduser().absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=use_async,
@@ -88,8 +88,6 @@ class Checkpointer:
                     src.rename(dst)
                     log.warning("moved the unrestorable checkpoint %s to %s", src, dst)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("qwenjax checkpoint set aside")
         self.manager.reload()
 

@@ -20,6 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
+from qwenjax.jsonl import atomic_write_text
 from qwenjax.jsonl import read as read_metrics  # the metrics file's reader (a torn last line is skipped)
 
 log = logging.getLogger(__name__)
@@ -54,9 +58,6 @@ def cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of an n x n float32 matmul on the first CPU device (best of `repeats`), measured once."""
     global _CPU_PEAK
     if _CPU_PEAK is None:
-        import jax
-        import jax.numpy as jnp
-
         device = jax.local_devices(backend="cpu")[0]
         a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
         f = jax.jit(lambda x: x @ x)
@@ -76,8 +77,6 @@ def peak_flops(devices=None) -> tuple[float, str]:
     QWENJAX_PEAK_FLOPS (per device) overrides. On CPU, all local CPU devices share the same cores, so the
     peak is one measured matmul per process, not per device.
     """
-    import jax
-
     devices = list(devices if devices is not None else jax.devices())
     override = os.environ.get("QWENJAX_PEAK_FLOPS")
     if override:
@@ -99,12 +98,12 @@ def _summary_writer_class():
     """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch (if installed) only
     to accept torch tensors, which costs seconds per process. torch stays importable afterwards."""
     if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # optional dependency
 
         return SummaryWriter
     sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
     try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # optional dependency
     finally:
         if sys.modules.get("torch", 0) is None:
             del sys.modules["torch"]
@@ -126,8 +125,6 @@ def truncate_metrics(path: str | Path, last_step: int) -> list[dict[str, Any]]:
 
 def write_metrics(path: str | Path, records: list[dict[str, Any]]) -> None:
     """Replace a metrics file with `records` atomically (a kill leaves the old file or the new one)."""
-    from qwenjax.run_config import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps({k: _finite(v) for k, v in r.items()}) + "\n" for r in records))
 
 
@@ -162,7 +159,7 @@ class MetricsLogger:
                 log.info("tensorboardX not installed: no TensorBoard events")
         if wandb_config is not None or os.environ.get("QWENJAX_WANDB", "").lower() in ("1", "true", "yes"):
             try:
-                import wandb
+                import wandb  # optional dependency
 
                 self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "qwenjax"),
                                          name=self.run_dir.name, dir=str(self.run_dir), resume="allow",
@@ -172,7 +169,7 @@ class MetricsLogger:
         if progress is None:
             progress = sys.stderr.isatty()
         if progress:
-            from tqdm import tqdm
+            from tqdm import tqdm  # only with a progress bar (an interactive terminal)
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 

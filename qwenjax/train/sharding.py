@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from qwenjax.config import ModelConfig
 from qwenjax.errors import UserError
+from qwenjax.model import logical_axes
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +183,6 @@ def _dict_keys(path) -> tuple[str, ...]:
 
 def param_specs(abstract_params, mesh: Mesh, config: ModelConfig | None = None):
     """PartitionSpecs of a parameter pytree (by the model's logical axes)."""
-    from qwenjax.model import logical_axes
-
     def spec(path, x):
         keys = _dict_keys(path)
         return logical_to_spec(logical_axes(keys), x.shape, mesh, config, name="/".join(keys))
@@ -194,8 +193,6 @@ def param_specs(abstract_params, mesh: Mesh, config: ModelConfig | None = None):
 def state_shardings(abstract_state, mesh: Mesh, config: ModelConfig | None = None):
     """NamedShardings of any pytree whose array leaves are parameters or parameter-shaped optimizer
     moments (found by the dict keys on their path); scalars (step, counts) and unknown leaves replicated."""
-    from qwenjax.model import logical_axes
-
     def sharding(path, x):
         keys = _dict_keys(path)
         axes = None
