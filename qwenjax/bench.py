@@ -40,15 +40,14 @@ class _JaxSide:
     def __init__(self, cfg: RunConfig, model_cfg: ModelConfig, batch):
         import jax  # JAX and the trainer load on use: `qwenjax bench --help` stays fast
 
-        from qwenjax import train  # JAX (above)
-        from qwenjax.train import sharding  # JAX (above)
+        from qwenjax.train import sharding, step  # JAX (above)
 
         self.mesh = sharding.mesh_from_config(cfg.mesh)
-        static = train.make_step_static(cfg)
-        self.step_fn, self.compile_s = train.compiled_train_step(
+        static = step.make_step_static(cfg)
+        self.step_fn, self.compile_s = step.compiled_train_step(
             model_cfg, static, self.mesh, cfg.train.batch_size, cfg.train.seq_len)
-        self.state = train.init_state_sharded(model_cfg, jax.random.key(cfg.seed), self.mesh)
-        self.hp = jax.device_put(train.make_hparams(cfg), sharding.replicated(self.mesh))
+        self.state = step.init_state_sharded(model_cfg, jax.random.key(cfg.seed), self.mesh)
+        self.hp = jax.device_put(step.make_hparams(cfg), sharding.replicated(self.mesh))
         self.batch = jax.device_put(batch, sharding.batch_sharding(self.mesh))
         self.run(1)
 

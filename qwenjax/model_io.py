@@ -1,4 +1,5 @@
-"""Params-only model checkpoints: what `qwenjax convert --from-hf` writes and training can start from.
+"""Params-only model checkpoints: what `qwenjax convert --from-hf` writes, what a finished run leaves in
+`RUN_DIR/model/` (and `qwenjax export` writes), and what training can start from (`model.init_from`).
 
 Layout of a model directory:
     model_config.json   every `ModelConfig` field (dtype and param_dtype included; rope_scaling as an object)

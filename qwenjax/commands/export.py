@@ -10,10 +10,8 @@ import argparse
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "export", help="write a run's newest parameters as a model directory",
-        description="Write the parameters of RUN_DIR's newest checkpoint (or its model/) as a qwenjax model "
-                    "directory, for model.init_from, generate and convert --to-hf.")
+    p = subparsers.add_parser("export", help="write a run's newest parameters as a model directory",
+                              description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (config.yaml, ckpt/)")
     p.add_argument("--to", metavar="DIR", required=True, help="destination model directory (new)")
     p.set_defaults(func=run)
