@@ -54,6 +54,7 @@ from qwenjax.train.run_dir import (
 from qwenjax.train.start import initial_state
 from qwenjax.train.step import (
     abstract_state,
+    checkpointed,
     compiled_eval_step,
     compiled_train_step,
     init_state_sharded,
@@ -375,20 +376,22 @@ def train(cfg: RunConfig, forks: Sequence[RunConfig] = ()) -> dict[str, Any]:
                 "train_s": prior_train_s + progress.train_s, "compile_s": compile_s, "step": progress.step,
                 "model_config": model_config_to_dict(model_cfg), **origin}
 
+    def saved_state() -> dict[str, Any]:
+        return {"train": checkpointed(stepper.state), "rng": rng_data}
+
     def handover(fork_cfgs) -> float:
         """Hand this run's state after `step` steps to the forks that start here; returns the seconds taken."""
         t0 = time.perf_counter()
         fork_meta = {**checkpoint_meta(), "fork_of": str(run_dir), "fork_step": progress.step}
         for fork in fork_cfgs:
-            write_fork(fork, progress.step, {"train": stepper.state, "rng": rng_data}, fork_meta, records,
-                       is_main)
+            write_fork(fork, progress.step, saved_state(), fork_meta, records, is_main)
         return time.perf_counter() - t0
 
     def after_log(do_ckpt: bool, forks_here) -> None:
         if forks_here:  # before this run's own checkpoint: a resume never skips a fork
             handover(forks_here)
         if do_ckpt:
-            ckpt.save(progress.step, {"train": stepper.state, "rng": rng_data}, checkpoint_meta())
+            ckpt.save(progress.step, saved_state(), checkpoint_meta())
 
     try:
         run_steps(setup, stepper, [member], progress, forks_at=forks_at, handover=handover,

@@ -221,11 +221,6 @@ def copy_tokenizer(source: Path, directory: Path) -> None:
             shutil.copy2(f, directory / f.name)
 
 
-def is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and ((path / "ckpt").is_dir() or model_io.is_model_dir(
-        model_dir_of(path)))
-
-
 def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in (run_dir / "ckpt").glob("*") if p.name.isdigit())
 

@@ -57,6 +57,12 @@ def init_train_state(model_cfg: ModelConfig, rng) -> State:
     return {"params": params, "opt_state": optim.init_opt_state(params), "step": jnp.zeros((), jnp.int32)}
 
 
+def checkpointed(state: State) -> State:
+    """The part of a train state that checkpoints hold: the frozen reference (if any) is reloaded from its
+    source on resume, not saved with every checkpoint."""
+    return {k: v for k, v in state.items() if k != "ref_params"}
+
+
 def make_optim_static(run_cfg: RunConfig) -> OptimStatic:
     return OptimStatic(schedule=run_cfg.optim.schedule, decay_embeddings=run_cfg.optim.decay_embeddings,
                        decay_shape=run_cfg.optim.decay_shape)
