@@ -5,16 +5,20 @@ from __future__ import annotations
 import argparse
 import os
 
+_DESCRIPTION = (
+    "Trains a tokenizer on a corpus (default: this Python's standard library), sweeps small "
+    "models over lr x batch at several (N, D), fits the scaling laws, predicts lr and batch "
+    "for a larger model trained on more tokens, trains a 3x3 grid of 0.5x / 1x / 2x the "
+    "predicted lr and batch around it (the predicted point with two seeds) and writes "
+    "OUT/report.md with a PASSED / MISSED verdict. "
+    "Rerunning reuses finished stages."
+)
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="sweep, fit, predict, train and report end to end on this machine",
-        description="Trains a tokenizer on a corpus (default: this Python's standard library), sweeps small "
-                    "models over lr x batch at several (N, D), fits the scaling laws, predicts lr and batch "
-                    "for a larger model trained on more tokens, trains a 3x3 grid of 0.5x / 1x / 2x the "
-                    "predicted lr and batch around it (the predicted point with two seeds) and writes "
-                    "OUT/report.md with a PASSED / MISSED verdict. "
-                    "Rerunning reuses finished stages.")
+        description=_DESCRIPTION)
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="text, JSONL or Parquet file, glob or folder (default: the Python standard library)")

@@ -16,7 +16,7 @@ import pandas as pd
 
 from qwenjax.errors import UserError
 from qwenjax.scaling.cells import CELL, Cells
-from qwenjax.scaling.hparams import DEFAULT_METHOD, check_cells, evaluate_law, fit_hparam_laws, summarize_regret
+from qwenjax.scaling.hparams import check_cells, evaluate_law, fit_hparam_laws, summarize_regret
 from qwenjax.scaling.noise import noise_floor
 from qwenjax.scaling.units import format_count, parse_count
 
@@ -53,18 +53,11 @@ def _values(v) -> str:
     return f"{len(v)} {'value' if len(v) == 1 else 'values'} ({', '.join(map(format_count, v))})"
 
 
-def holdout_validation(
-    df: pd.DataFrame,
-    spec: str = "largest",
-    tolerance: float = 0.0025,
-    method: str = DEFAULT_METHOD,
-    batch_law: str = "ND",
-    bootstrap: int = 1000,
-    seed: int = 0,
-    smooth_window: float = 0.05,
-    prior: str | dict | None = None,
-) -> dict:
+def holdout_validation(df: pd.DataFrame, spec: str = "largest", **fit_options) -> dict:
     """Fit on the cells `spec` leaves, predict the held-out ones; the JSON-ready `holdout` entry of FIT.json.
+
+    `fit_options` are `fit_hparam_laws`'s (method, tolerance, batch_law, bootstrap, seed, ...), so the held-out
+    fit is the same fit as the full one, without its leave-one-cell-out pass.
 
     Raises UserError when the spec is malformed, holds out nothing, or leaves fewer than two N or two D
     values to fit.
@@ -85,17 +78,7 @@ def holdout_validation(
     held = set(map(tuple, keys[mask].to_numpy(float)))
     in_held = np.array([(float(n), float(d)) in held for n, d in df[CELL].to_numpy(float)], bool)
     try:
-        fit = fit_hparam_laws(
-            df[~in_held],
-            tolerance=tolerance,
-            method=method,
-            batch_law=batch_law,
-            bootstrap=bootstrap,
-            seed=seed,
-            smooth_window=smooth_window,
-            prior=prior,
-            loo=False,
-        )
+        fit = fit_hparam_laws(df[~in_held], **{**fit_options, "loo": False})
     except UserError as e:
         raise UserError(f"--holdout {spec!r}: {e}") from None
     floor = noise_floor(df)
@@ -126,7 +109,7 @@ def holdout_validation(
         "method": "fit the chosen estimator on the cells left, predict each held-out cell; regret = seed-mean "
         "loss of its configuration nearest (in log lr, log B) to the prediction / its best - 1; ratios and "
         "coverage against the cell's best configuration",
-        "estimator": method,
+        "estimator": fit["method"]["estimator"],
         "cells_fitted": int((~mask).sum()),
         "cells_held_out": int(mask.sum()),
         "fitted_n_params": sorted(float(v) for v in kept["n_params"].unique()),

@@ -21,6 +21,8 @@ from qwenjax.errors import UserError
 
 #: Step Law (Li et al. 2025): lr* = 1.79 N^-0.713 D^0.307, B* = 0.58 D^0.571 (B independent of N).
 STEP_LAW = {"alpha": -0.713, "beta": 0.307, "gamma": 0.0, "delta": 0.571}
+#: ... and its coefficients: lr* = a N^alpha D^beta, B* = b N^gamma D^delta (tokens)
+STEP_LAW_COEF = {"a": 1.79, "b": 0.58}
 #: Prior standard deviation of each exponent: wide against Step Law's own bootstrap sds (0.02-0.03), since
 #: a CPU ladder lives far from where those were measured, yet narrow enough to keep the signs of exponents
 #: that two noisy token budgets cannot pin down.

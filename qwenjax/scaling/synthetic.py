@@ -14,17 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
+from qwenjax.scaling.prior import STEP_LAW, STEP_LAW_COEF
+
 
 @dataclass(frozen=True)
 class SyntheticLaw:
     """Ground truth: lr* = a N^alpha D^beta, B* = b N^gamma D^delta (tokens), L = E + A/N^α_L + B/D^β_L."""
 
-    a: float = 1.79
-    alpha: float = -0.713
-    beta: float = 0.307
-    b: float = 0.58
-    gamma: float = 0.0
-    delta: float = 0.571
+    a: float = STEP_LAW_COEF["a"]
+    alpha: float = STEP_LAW["alpha"]
+    beta: float = STEP_LAW["beta"]
+    b: float = STEP_LAW_COEF["b"]
+    gamma: float = STEP_LAW["gamma"]
+    delta: float = STEP_LAW["delta"]
     E: float = 1.82
     A: float = 482.01
     B: float = 2085.43

@@ -20,11 +20,16 @@ from qwenjax.errors import UserError
 from qwenjax.hparams import batch_sequences
 from qwenjax.scaling.fitfile import load_fit
 from qwenjax.scaling.predict import predict
+from qwenjax.scaling.prior import STEP_LAW as _STEP
+from qwenjax.scaling.prior import STEP_LAW_COEF
 from qwenjax.sweep.results import row_loss
 from qwenjax.sweep.spec import Grid, resolve_relative
 
-#: Step Law (Li et al. 2025): lr* = 1.79 N^-0.713 D^0.307, B* = 0.58 D^0.571 (tokens)
-STEP_LAW = {"lr": (1.79, -0.713, 0.307), "batch_tokens": (0.58, 0.0, 0.571)}
+#: Step Law (Li et al. 2025) as (coefficient, N exponent, D exponent) per target: the prior's numbers
+STEP_LAW = {
+    "lr": (STEP_LAW_COEF["a"], _STEP["alpha"], _STEP["beta"]),
+    "batch_tokens": (STEP_LAW_COEF["b"], _STEP["gamma"], _STEP["delta"]),
+}
 
 
 def step_law(n_params: float, tokens: float) -> tuple[float, float]:
