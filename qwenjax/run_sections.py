@@ -25,7 +25,7 @@ ATTENTION_IMPLS = ("auto", "reference", "blockwise", "cudnn", "splash")  # auto 
 class ModelSection:
     """`preset` (e.g. `qwen2.5-0.5b`) and/or any `ModelConfig` field; None = from the preset, else the
     ModelConfig default. `vocab_size` None without a preset = the tokenizer's vocabulary size.
-    `init_from`: a params checkpoint directory (model_io format) to start from instead of a fresh init."""
+    `init_from`: a previous stage to start from instead of a fresh init: a run dir or a model dir (model_io)."""
 
     preset: str | None = None
     vocab_size: int | None = None
