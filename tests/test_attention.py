@@ -5,14 +5,15 @@ interpreter (splash); asked for on the wrong hardware they, and bad names, give 
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, tiny_overrides
 
-from qwenjax import attention
+from qwenjax import attention, cli
 from qwenjax.errors import UserError
 from qwenjax.model import init_params, logits
 from qwenjax.run_config import load_config, model_config
@@ -145,3 +146,19 @@ def test_tiny_model_reference_equals_blockwise(sliding):
     want = forward(config, params, tokens, segment_ids=segment_ids, attention_impl="reference")
     got = forward(config, params, tokens, segment_ids=segment_ids, attention_impl="blockwise")
     np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_train_reference_equals_blockwise(tmp_path, tiny_config):
+    """`qwenjax train` with attention.impl=reference and =blockwise: the same losses, step by step (T = 256:
+    four key blocks, packed documents, so blockwise really runs blocks and skips them)."""
+    losses = {}
+    for impl in ("reference", "blockwise"):
+        run_dir = tmp_path / impl
+        assert cli.main(["train", str(TINY), *tiny_overrides(
+            tiny_config.data.cache_dir, run_dir, f"attention.impl={impl}", "train.steps=3", "train.seq_len=256",
+            "train.batch_size=4", "train.log_every=1", "eval.batches=1", "checkpoint.every_steps=0")]) == 0
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[impl] = [r["loss"] for r in lines if "loss" in r] + [json.loads(
+            (run_dir / "summary.json").read_text())["eval_loss"]]
+    assert len(losses["reference"]) == 4
+    np.testing.assert_allclose(losses["blockwise"], losses["reference"], rtol=2e-5)
