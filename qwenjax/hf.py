@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 from qwenjax.config import ModelConfig, load_hf_config
 from qwenjax.errors import UserError
@@ -123,8 +124,6 @@ class _SafetensorsFile:
     """One open safetensors file; `read(name)` returns a numpy array (bfloat16 via ml_dtypes)."""
 
     def __init__(self, file: Path):
-        from safetensors import safe_open
-
         self.file = file
         try:
             self._handle = safe_open(str(file), framework="numpy")

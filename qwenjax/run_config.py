@@ -334,6 +334,7 @@ def model_config(cfg: RunConfig, *, vocab_size: int | None = None) -> ModelConfi
 def _tokenizer_vocab_size(cfg: RunConfig) -> int | None:
     if not cfg.data.tokenizer or cfg.data.tokenizer == MISSING:
         return None
+    # sentencepiece loads only when a config names a tokenizer (the CLI imports this module at start-up)
     from qwenjax.data.tokenizer import load_tokenizer
 
     return int(load_tokenizer(cfg.data.tokenizer).vocab_size)

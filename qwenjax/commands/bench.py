@@ -24,6 +24,7 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # on use: `qwenjax --help` and the other commands start without loading JAX or this command's code
     from qwenjax.bench import BENCH_OVERRIDES, bench_train
     from qwenjax.errors import UserError
     from qwenjax.run_config import load_config

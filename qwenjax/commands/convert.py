@@ -51,6 +51,7 @@ def _check_destination(path: Path, flag: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # on use: `qwenjax --help` and the other commands start without loading JAX or this command's code
     from qwenjax import hf, model_io
     from qwenjax.model import count_params
 

@@ -30,6 +30,7 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # on use: `qwenjax --help` and the other commands start without loading JAX or this command's code
     from qwenjax.demo import run_demo
     from qwenjax.errors import UserError
 

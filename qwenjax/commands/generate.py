@@ -34,6 +34,7 @@ def register(subparsers) -> None:
 
 def load_checkpoint(path: str | Path, dtype: str | None = None):
     """(config, params) from a qwenjax model checkpoint or a HF folder, optionally cast to `dtype`."""
+    # on use: `qwenjax --help` and the other commands start without loading JAX or this command's code
     import jax
     import jax.numpy as jnp
 
@@ -55,6 +56,7 @@ def load_checkpoint(path: str | Path, dtype: str | None = None):
 
 
 def run(args: argparse.Namespace) -> int:
+    # on use: `qwenjax --help` and the other commands start without loading JAX or this command's code
     from qwenjax.data.tokenizer import load_tokenizer
     from qwenjax.generate import stream
 

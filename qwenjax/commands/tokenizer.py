@@ -31,6 +31,7 @@ def register(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    # on use: `qwenjax --help` and the other commands start without loading JAX or this command's code
     from qwenjax.data import resolve_files
     from qwenjax.data.tokenizer import load_tokenizer, train_tokenizer
 
