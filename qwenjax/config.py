@@ -140,6 +140,13 @@ class ModelConfig:
             raise UserError(f"config.json: {e}") from None
 
 
+#: the fields a preset fixes (its shape and the numbers of the released config.json files): a sweep entry that
+#: names a preset resets these in its base config, so the base's tiny shape cannot override the preset's
+PRESET_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rms_norm_eps",
+                 "tie_word_embeddings", "max_window_layers")
+
+
 def _preset(h, i, layers, heads, kv, vocab, tie, eps=1e-6, max_pos=32768) -> ModelConfig:
     return ModelConfig(vocab_size=vocab, hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tie,

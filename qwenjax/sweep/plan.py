@@ -23,7 +23,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from qwenjax.config import ModelConfig, flops_per_token, param_counts
+from qwenjax.config import PRESET_FIELDS, ModelConfig, flops_per_token, param_counts
 from qwenjax.errors import UserError
 from qwenjax.hparams import steps_for_tokens
 from qwenjax.run_config import RunConfig, config_to_dict, load_config, model_config
@@ -35,10 +35,6 @@ from qwenjax.sweep.spec import SweepSpec
 TRACED_KEYS = ("run_dir", "seed", "optim.lr", "optim.warmup_steps", "optim.min_lr_ratio",
                "optim.weight_decay", "train.steps", "train.log_every", "checkpoint", "eval.every_steps",
                "hparams")
-#: model fields a preset entry resets, so that shape fields of the base config do not override the preset
-PRESET_RESETS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rms_norm_eps",
-                 "tie_word_embeddings", "max_window_layers")
 
 
 def _digest(obj, n: int = 12) -> str:
@@ -227,7 +223,7 @@ class Planner:
     def _model_overrides(self, entry: dict) -> dict:
         out = {}
         if "preset" in entry:
-            out.update({f"model.{k}": None for k in PRESET_RESETS if self._base_model.get(k) is not None})
+            out.update({f"model.{k}": None for k in PRESET_FIELDS if self._base_model.get(k) is not None})
         out.update({f"model.{k}": v for k, v in entry.items()})
         return out
 

@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from qwenjax.errors import UserError, did_you_mean
+from qwenjax.run_sections import ModelSection
 from qwenjax.scaling.units import parse_count
 
 SPEC_KEYS = ("name", "description", "base", "models", "ladder", "tokens", "lr", "batch_size", "seeds",
@@ -40,11 +41,9 @@ SPEC_KEYS = ("name", "description", "base", "models", "ladder", "tokens", "lr", 
 #: run-config keys that the sweep's axes set; an `overrides:` entry for one of them would be silently lost
 AXIS_KEYS = {"optim.lr": "lr", "train.batch_size": "batch_size", "train.steps": "tokens", "seed": "seeds",
              "run_dir": "the sweep (runs/<run_id>)"}
-#: model fields a `models:` entry or a ladder may set (HF Qwen2Config names, plus preset/init_from)
-MODEL_KEYS = ("preset", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-              "rope_theta", "rope_scaling", "rms_norm_eps", "tie_word_embeddings", "use_sliding_window",
-              "sliding_window", "max_window_layers", "initializer_range", "dtype", "param_dtype", "init_from")
+#: model fields a `models:` entry or a ladder may set: the run config's model section (HF Qwen2Config names,
+#: plus preset/init_from)
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelSection))
 #: a ladder sets the shape fields itself; any other model field applies to all its models
 SHAPE_KEYS = ("preset", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim")
