@@ -284,6 +284,8 @@ def summarize(driver: _Driver, wall_s: float, executor_desc: str) -> dict:
         "population_decisions": decisions,
         "best_per_cell": sorted(best.values(), key=lambda b: (b["n_params"], b["tokens"])),
         "noise": _noise(driver.store.path),
+        "failed_runs": [{"run_id": r["run_id"], "error": r.get("error") or "?"}
+                        for r in all_rows if r.get("status") == "failed"],
         "cells_extended": {f"{driver.planner.models[c[0]].n_params}/{c[1]:g}": n
                            for c, n in driver.cell_rounds.items() if n},
     }
