@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
 from qwenjax.errors import UserError
 
 COMMANDS = ("convert", "generate", "tokenizer", "train", "export", "bench", "sweep", "fit", "predict", "demo")
+
+
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml's), or "unknown" when run from a bare source tree."""
+    try:
+        return importlib.metadata.version("qwenjax")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,6 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
     parser = _Parser(prog="qwenjax", description="Qwen2.5 in JAX/Flax with hyperparameter scaling-law sweeps.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in commands:
         module = importlib.import_module(f"qwenjax.commands.{name}")
@@ -52,6 +62,8 @@ def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
     except KeyboardInterrupt:
         print("qwenjax: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:  # --help, --version: a status to return, so in-process callers get one too
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
     return int(status or 0)
 
 

@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
+from tqdm import tqdm
+
+from qwenjax.commands import check_output_dir
 from qwenjax.errors import UserError
 from qwenjax.sweep.local import cpu_slices, worker_env
 
@@ -70,6 +77,7 @@ def _main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _default_out(spec)
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
+    check_output_dir(out, "sweep output folder")
     if args.dry_run:
         return _dry_run(spec, out, args)
     opts = SweepOptions(executor=args.executor, workers=args.workers, max_retries=args.max_retries,
@@ -78,7 +86,10 @@ def _main(args: argparse.Namespace) -> int:
                         run_fn=os.environ.get("QWENJAX_SWEEP_RUN_FN") or None)
     summary = run_sweep(spec, out, opts)
     _print_summary(summary)
-    return 0
+    failed = summary.get("failed_runs") or []
+    for row in failed:  # after the summary, so the reasons are the last thing on screen
+        print(f"qwenjax: failed: {row['run_id']}: {row['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _print_summary(s: dict) -> None:
@@ -115,26 +126,81 @@ def _print_summary(s: dict) -> None:
 # --dry-run
 
 
+_PROBE_CODE = """\
+import json, sys
+from qwenjax.sweep.local import apply_thread_env
+apply_thread_env()
+from qwenjax.run_config import config_from_dict
+from qwenjax.sweep.population import measure
+req = json.load(sys.stdin)
+out = []
+for c in req['cfgs']:
+    out.append(measure([config_from_dict(c)], steps=req['steps'], strategies=()))
+    print("probed", flush=True)
+print(json.dumps(out))
+"""
+
+
 def probe_in_worker(cfgs: list, workers: int, steps: int = 3) -> list[dict]:
-    """Time a few real steps of each config in a fresh process with one worker's share of the cores."""
+    """Time a few real steps of each config in a fresh process with one worker's share of the cores; a
+    progress bar on stderr (on a terminal) counts the configs measured."""
     from qwenjax.run_config import config_to_dict  # imported on use: see the module docstring
 
     cores = cpu_slices(workers)[0]
-    code = ("import json, sys\n"
-            "from qwenjax.sweep.local import apply_thread_env\n"
-            "apply_thread_env()\n"
-            "from qwenjax.run_config import config_from_dict\n"
-            "from qwenjax.sweep.population import measure\n"
-            "req = json.load(sys.stdin)\n"
-            "out = [measure([config_from_dict(c)], steps=req['steps'], strategies=()) for c in req['cfgs']]\n"
-            "print(json.dumps(out))\n")
     req = json.dumps({"cfgs": [config_to_dict(c) for c in cfgs], "steps": steps})
-    proc = subprocess.run([sys.executable, "-c", code], input=req, capture_output=True, text=True,
-                          env=worker_env(cores), timeout=1800)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+    with tempfile.TemporaryFile("w+") as err, tqdm(total=len(cfgs), desc="step-time probe", unit="shape",
+                                                   file=sys.stderr, disable=None, leave=False) as bar:
+        # stderr to a file: a chatty child cannot fill a pipe nobody reads while stdout is followed
+        proc = subprocess.Popen([sys.executable, "-c", _PROBE_CODE], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=worker_env(cores))
+        watchdog = threading.Timer(1800, proc.kill)
+        watchdog.start()
+        try:
+            proc.stdin.write(req)
+            proc.stdin.close()
+            lines = []
+            for line in proc.stdout:
+                if line.strip() == "probed":
+                    bar.update(1)
+                else:
+                    lines.append(line)
+            proc.wait()
+        finally:
+            watchdog.cancel()
+        err.seek(0)
+        stderr = err.read()
+    if proc.returncode != 0 or not lines:
+        tail = (stderr.strip().splitlines() or ["?"])[-1]
         raise UserError(f"the step-time probe failed: {tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(lines[-1])
+
+
+def planned_devices(spec) -> int | None:
+    """Devices each run of the sweep will see, known without starting JAX: the spec's TPU or GPU resources
+    per run, else the host-platform device count forced in XLA_FLAGS (CPU); None when only JAX could tell."""
+    for key in ("TPU", "GPU"):
+        if (spec.resources or {}).get(key):
+            return int(spec.resources[key])
+    forced = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    return int(forced.group(1)) if forced else None
+
+
+def check_mesh(run, devices: int) -> None:
+    """What `train` checks before starting, from the mesh spec alone: the mesh fills `devices`, and each
+    micro-batch splits evenly over the data-parallel axes (mesh.data x mesh.fsdp)."""
+    m, t = run.cfg.mesh, run.cfg.train
+    sizes = [m.data, m.fsdp, m.tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes and devices % known == 0:
+        sizes[sizes.index(-1)] = devices // known
+    if -1 in sizes or math.prod(sizes) != devices:
+        raise UserError(f"run {run.run_id}: mesh.data x mesh.fsdp x mesh.tensor = {m.data} x {m.fsdp} x "
+                        f"{m.tensor} does not fit {devices} devices")
+    micro, dp = t.batch_size // t.grad_accum, sizes[0] * sizes[1]
+    if micro % dp:
+        raise UserError(f"run {run.run_id}: train.batch_size ({t.batch_size}) / train.grad_accum "
+                        f"({t.grad_accum}) = {micro} is not divisible by the data-parallel size mesh.data x "
+                        f"mesh.fsdp = {dp} on {devices} devices")
 
 
 def _dry_run(spec, out: Path, args) -> int:
@@ -143,7 +209,11 @@ def _dry_run(spec, out: Path, args) -> int:
     from qwenjax.sweep.progress import format_duration
 
     planner = Planner(spec, out)
-    runs = planner.initial_runs()
+    runs = planner.initial_runs()  # builds (and validates) every planned run's RunConfig
+    devices = planned_devices(spec)
+    if devices is not None:
+        for r in runs:
+            check_mesh(r, devices)
     forks = fork_plan(runs) if spec.fork_cooldowns else None
     workers = args.workers or 1
     estimate = None

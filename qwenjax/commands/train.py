@@ -7,6 +7,10 @@ import json
 import logging
 import sys
 
+import yaml
+
+from qwenjax.commands import check_output_dir
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -21,6 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--hparams", metavar="FIT.json", default=None,
                    help="set optim.lr and train.batch_size from a scaling-law fit (keeping the planned "
                         "tokens; explicit KEY=VALUE overrides still win)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (after overrides and --hparams) as YAML and exit")
     p.set_defaults(func=_run)
 
 
@@ -48,7 +54,7 @@ def _setup_logging() -> None:
 
 def _run(args: argparse.Namespace) -> int:
     # imported on use (here and below): keeps every command's start-up free of OmegaConf, JAX and the fitter
-    from qwenjax.run_config import load_config, parse_overrides
+    from qwenjax.run_config import config_to_dict, load_config, parse_overrides
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
@@ -64,6 +70,10 @@ def _run(args: argparse.Namespace) -> int:
         cfg, notes = apply_hparams(cfg, args.hparams, explicit_overrides(override_tree))
         for note in notes:
             log.info("%s", note)
+    if args.print_config:
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    check_output_dir(cfg.run_dir, "run_dir")
     summary = train(cfg)
     keys = ("status", "steps_completed", "tokens", "final_loss", "eval_loss", "wall_s", "mfu")
     print(json.dumps({k: summary.get(k) for k in keys}))
