@@ -49,6 +49,10 @@ class ModelSection:
     init_from: str | None = None
 
 
+_WANDB_WORDS = {"auto": "auto", "true": "true", "1": "true", "yes": "true", "on": "true",
+                "false": "false", "0": "false", "no": "false", "off": "false"}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
     steps: int = 1000
@@ -58,8 +62,13 @@ class TrainSection:
     log_every: int = 10
     divergence_factor: float = 2.0  # loss above this multiple of the first step's loss = diverged
     resume_optimizer: bool = False  # with model.init_from a run dir: keep its Adam state (qwenjax.train.start)
+    wandb: str = "auto"  # log to wandb: auto (if QWENJAX_WANDB=1), true (needs wandb installed) or false
 
     def __post_init__(self):
+        wandb = _WANDB_WORDS.get(str(self.wandb).strip().lower())  # YAML's true arrives as "True"
+        if wandb is None:
+            raise UserError(f"train.wandb must be auto, true or false, got {self.wandb!r}")
+        object.__setattr__(self, "wandb", wandb)
         positive("train.steps", self.steps)
         positive("train.batch_size", self.batch_size)
         positive("train.seq_len", self.seq_len)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
@@ -10,6 +11,7 @@ import sys
 import yaml
 
 from qwenjax.commands import check_output_dir
+from qwenjax.errors import UserError
 
 
 def register(subparsers) -> None:
@@ -74,6 +76,8 @@ def _run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
     check_output_dir(cfg.run_dir, "run_dir")
+    if cfg.train.wandb == "true" and importlib.util.find_spec("wandb") is None:
+        raise UserError("train.wandb is true but wandb is not installed (pip install wandb, or set it to auto)")
     summary = train(cfg)
     keys = ("status", "steps_completed", "tokens", "final_loss", "eval_loss", "wall_s", "mfu")
     print(json.dumps({k: summary.get(k) for k in keys}))

@@ -355,7 +355,7 @@ def train(cfg: RunConfig, forks: Sequence[RunConfig] = ()) -> dict[str, Any]:
     compile_now = compile_train_s + setup.compile_eval_s
     compile_s = float(meta.get("compile_s", 0.0)) + compile_now
     logger = qmetrics.MetricsLogger(run_dir, total_steps=cfg.train.steps, start_step=start_step,
-                                    enabled=is_main)
+                                    enabled=is_main, wandb=cfg.train.wandb)
     n_total, n_non_embedding = param_counts(model_cfg)
     logger.message(
         f"{run_dir}: N = {n_non_embedding:,} non-embedding params ({n_total:,} total), "

@@ -134,11 +134,20 @@ def _finite(x):
     return x
 
 
+def wandb_enabled(switch: str = "auto", asked: bool = False) -> bool:
+    """The run config's `train.wandb` switch: "true" / "false" decide; "auto" logs to wandb when the caller
+    asks (`asked`) or the environment variable QWENJAX_WANDB is 1, true or yes."""
+    if switch != "auto":
+        return switch == "true"
+    return asked or os.environ.get("QWENJAX_WANDB", "").lower() in ("1", "true", "yes")
+
+
 class MetricsLogger:
     """Writes metrics of process 0 (other processes get a no-op logger: `enabled=False`)."""
 
     def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0, enabled: bool = True,
-                 tensorboard: bool = True, wandb_config: dict | None = None, progress: bool | None = None):
+                 tensorboard: bool = True, wandb_config: dict | None = None, progress: bool | None = None,
+                 wandb: str = "auto"):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
@@ -157,15 +166,16 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
             except ImportError:
                 log.info("tensorboardX not installed: no TensorBoard events")
-        if wandb_config is not None or os.environ.get("QWENJAX_WANDB", "").lower() in ("1", "true", "yes"):
+        if wandb_enabled(wandb, wandb_config is not None):
             try:
-                import wandb  # optional dependency
-
-                self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "qwenjax"),
-                                         name=self.run_dir.name, dir=str(self.run_dir), resume="allow",
-                                         config=wandb_config or {})
+                import wandb as wandb_module  # optional dependency
             except ImportError:
-                log.warning("QWENJAX_WANDB is set but wandb is not installed")
+                why = "train.wandb is true" if wandb == "true" else "QWENJAX_WANDB is set"
+                log.warning("%s but wandb is not installed (pip install wandb): no wandb logging", why)
+            else:
+                self._wandb = wandb_module.init(project=os.environ.get("WANDB_PROJECT", "qwenjax"),
+                                                name=self.run_dir.name, dir=str(self.run_dir), resume="allow",
+                                                config=wandb_config or {})
         if progress is None:
             progress = sys.stderr.isatty()
         if progress:
