@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from tqdm import tqdm
+
 from qwenjax.errors import UserError
 
 #: qwenjax.scaling.hparams.ESTIMATORS and DEFAULT_METHOD, spelled out so that building the parser does not
@@ -119,8 +121,10 @@ def run(args) -> int:
     df = load_results(args.results, loss_column=args.loss_column, strict=args.strict)
     if message := skipped_message(df):
         _warn(message)
+    bar = tqdm(total=args.bootstrap, desc="bootstrap", unit="resample", file=sys.stderr, disable=None, leave=False)
     fit = make_fit(
         df,
+        progress=lambda done, total: bar.update(done - bar.n),
         tolerance=args.tolerance,
         method=args.method,
         batch_law=args.batch_law,
@@ -130,6 +134,7 @@ def run(args) -> int:
         prior=args.prior,
         holdout=args.holdout,
     )
+    bar.close()
     for note in fit["notes"]:
         _warn(note)
     path = save_fit(fit, args.output)

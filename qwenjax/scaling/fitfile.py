@@ -63,6 +63,7 @@ def make_fit(
     seed: int = 0,
     prior: str | dict | None = None,
     holdout: str | None = None,
+    progress=None,
 ) -> dict:
     """Fit everything on a results table and return the FIT.json dict.
 
@@ -74,7 +75,7 @@ def make_fit(
     if bootstrap < 0:
         raise UserError(f"--bootstrap must be >= 0, got {bootstrap}")
     options = dict(tolerance=tolerance, method=method, batch_law=batch_law, bootstrap=bootstrap, seed=seed, prior=prior)
-    hp = fit_hparam_laws(df, **options)
+    hp = fit_hparam_laws(df, **options, progress=progress)  # progress(done, total) of the bootstrap
     held = holdout_validation(df, holdout, **options) if holdout is not None else None
     notes = []
     law = None

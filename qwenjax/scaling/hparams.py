@@ -360,6 +360,18 @@ def _loo_regret(cells: Cells, estimator, batch_law: str, noise: dict) -> dict:
     }
 
 
+def _solve_rows(estimator, weights: np.ndarray, progress=None, chunk: int = 256) -> dict[str, np.ndarray]:
+    """`estimator.solve(weights)`, `chunk` rows at a time when `progress(done, total)` wants to hear after
+    each: rows are solved independently, so the numbers are those of one call."""
+    if progress is None or not len(weights):
+        return estimator.solve(weights)
+    parts = []
+    for lo in range(0, len(weights), chunk):
+        parts.append(estimator.solve(weights[lo : lo + chunk]))
+        progress(min(lo + chunk, len(weights)), len(weights))
+    return {t: np.concatenate([p[t] for p in parts]) for t in parts[0]}
+
+
 def fit_hparam_laws(
     df: pd.DataFrame,
     tolerance: float = 0.0025,
@@ -370,10 +382,12 @@ def fit_hparam_laws(
     smooth_window: float = 0.05,
     prior: str | dict | None = None,
     loo: bool = True,
+    progress=None,
 ) -> dict:
     """Fit lr*(N, D) and B*(N, D) (or B*(D)) with bootstrap CIs and leave-one-cell-out regret.
 
     `method` is one of ESTIMATORS; `prior` (for "prior" only) is a JSON text, file or dict (`prior.py`).
+    `progress(done, total)`, if given, is called as the bootstrap resamples are solved (a progress bar).
     Returns a JSON-ready dict: `laws` {"lr", "batch_tokens"}, `regret`, `cell_optima`, `method`, `noise`.
     """
     if method not in ESTIMATORS:
@@ -404,7 +418,7 @@ def fit_hparam_laws(
     weights = np.zeros((len(draws), n_cells))
     np.add.at(weights, (np.arange(len(draws))[:, None], draws), 1.0)
     full = estimator.solve(np.ones(n_cells))
-    samples = estimator.solve(weights)
+    samples = _solve_rows(estimator, weights, progress)
     laws = {t: _law_dict(t, inputs[t], full[t][0], samples[t], optima) for t in TARGETS}
     per_cell = []
     for i, ((n, d), group) in enumerate(optima.groupby(_CELL, sort=True)):
