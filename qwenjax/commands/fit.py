@@ -114,10 +114,15 @@ def _print_holdout(held: dict, noise: str) -> None:
 def run(args) -> int:
     # on use: the fitter (numpy, scipy, pandas, matplotlib) is loaded only by the command that needs it
     from qwenjax.scaling import format_law, load_results, make_fit, make_plots, save_fit
+    from qwenjax.scaling.fitfile import check_output
     from qwenjax.scaling.landscape import ladder_message
     from qwenjax.scaling.noise import format_noise
+    from qwenjax.scaling.quality import format_flags
     from qwenjax.scaling.results import skipped_message
 
+    check_output(args.output, "-o")  # before the fit: a bad output path must not cost its minutes
+    if args.plots:
+        check_output(args.plots, "--plots", directory=True)
     df = load_results(args.results, loss_column=args.loss_column, strict=args.strict)
     if message := skipped_message(df):
         _warn(message)
@@ -166,6 +171,11 @@ def run(args) -> int:
     if fit["holdout"]:
         _print_holdout(fit["holdout"], format_noise(noise))
     print(ladder_message(fit["landscape"]))
+    quality = fit["quality"]
+    laws = ", ".join(f"{k} {v}" for k, v in quality["laws"].items())
+    print(f"quality: {quality['status']} ({laws}); {len(quality['flags'])} flag(s)")
+    for flag in quality["flags"]:
+        print(f"  {format_flags([flag])}")
     print(f"wrote {path}")
     if args.plots:
         for plot in make_plots(df, fit, args.plots, sizes=_preset_sizes()):

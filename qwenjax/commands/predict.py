@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 
 def register(subparsers) -> None:
@@ -25,6 +26,8 @@ def register(subparsers) -> None:
         metavar="K",
         help="round batch_size (sequences) to a positive multiple of K, e.g. the data-parallel size",
     )
+    p.add_argument("--force", action="store_true",
+                   help="predict even from a law the fit's quality flags as unusable (see FIT.json quality)")
     p.set_defaults(func=run)
 
 
@@ -33,10 +36,16 @@ def run(args) -> int:
     from qwenjax.config import preset
     from qwenjax.hparams import predict_hparams
     from qwenjax.scaling import load_fit
+    from qwenjax.scaling.quality import check_usable, interval_warning
 
     fit = load_fit(args.fit)  # before the preset: a bad fit file is reported first
     model = preset(args.preset) if args.preset else args.params
     result = predict_hparams(fit, model, args.tokens, seq_len=args.seq_len, multiple_of=args.multiple_of)
+    # after the inputs are checked (their errors come first), before anything is printed
+    warning = check_usable(fit, force=args.force, source=args.fit)
+    here = interval_warning(result)
+    if warning or here:
+        print(f"qwenjax: warning: {'; '.join(w for w in (warning, here) if w)}", file=sys.stderr)
     if args.preset:
         result = {"preset": args.preset, **result}
     print(json.dumps(result))

@@ -20,7 +20,8 @@ from qwenjax.scaling.bootstrap import CI_LEVEL
 from qwenjax.scaling.holdout import holdout_validation
 from qwenjax.scaling.hparams import DEFAULT_METHOD, fit_hparam_laws
 from qwenjax.scaling.landscape import ladder_checks
-from qwenjax.scaling.loss_law import fit_loss_law
+from qwenjax.scaling.loss_law import PARAMS, fit_loss_law
+from qwenjax.scaling.quality import assess
 
 FORMAT = "qwenjax-fit/1"
 CONVENTIONS = {
@@ -44,6 +45,8 @@ def data_summary(df: pd.DataFrame) -> dict:
         "runs_valid": int(len(valid)),
         "runs_by_status": {str(k): int(v) for k, v in df["status"].value_counts().items()},
         "skipped_lines": int(df.attrs.get("skipped_lines", 0)),
+        "loss_column_switch": df.attrs.get("loss_column_switch"),
+        "dropped": df.attrs.get("dropped"),
         "cells": int(len(valid[["n_params", "tokens"]].drop_duplicates())),
         "n_params_values": sorted(float(v) for v in valid["n_params"].unique()),
         "tokens_values": sorted(float(v) for v in valid["tokens"].unique()),
@@ -84,7 +87,7 @@ def make_fit(
             law = fit_loss_law(df, bootstrap=bootstrap, seed=seed)
         except UserError as e:
             notes.append(f"loss law not fitted: {e}")
-    return {
+    fit = {
         "format": FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "conventions": CONVENTIONS,
@@ -99,6 +102,8 @@ def make_fit(
         "landscape": ladder_checks(df),
         "notes": notes,
     }
+    fit["quality"] = assess(fit)
+    return fit
 
 
 def _clean(obj):
@@ -154,4 +159,119 @@ def load_fit(path: str | Path) -> dict:
         raise UserError(
             f"{path} is not a qwenjax fit (expected format {FORMAT!r}); create one with `qwenjax fit`"
         )
+    check_fit(fit, str(path))
     return fit
+
+
+def _fail(where: str, key: str, problem: str):
+    raise UserError(f"{where}: {key} {problem}; rewrite it with `qwenjax fit`")
+
+
+def _numbers(value, where: str, key: str, length: int | None = None) -> list:
+    """A list of finite numbers (of `length`), else one UserError naming the key."""
+    if not isinstance(value, list) or (length is not None and len(value) != length):
+        _fail(where, key, f"must be a list of {length or 'some'} numbers, got {str(value)[:80]}")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            _fail(where, key, f"must hold finite numbers, got {v!r}")
+    return value
+
+
+def _mapping(fit: dict, key: str, where: str, name: str | None = None) -> dict:
+    value = fit.get(key)
+    if not isinstance(value, dict):
+        _fail(where, name or key, "is missing" if value is None else "must be a mapping")
+    return value
+
+
+def _check_samples(law: dict, where: str, key: str, width: int) -> None:
+    boot = law.get("bootstrap")
+    samples = boot.get("samples") if isinstance(boot, dict) else None
+    if not isinstance(samples, list):
+        _fail(where, f"{key}.bootstrap.samples", "must be a list")
+    for row in samples:
+        _numbers(row, where, f"{key}.bootstrap.samples", width)
+
+
+def _check_coef(law: dict, where: str, key: str) -> None:
+    coef = _mapping(law, "coef", where, f"{key}.coef")
+    for name, c in coef.items():
+        if not isinstance(c, dict) or "value" not in c or "ci" not in c:
+            _fail(where, f"{key}.coef.{name}", "must have a value and a ci")
+        _numbers([c["value"]], where, f"{key}.coef.{name}.value", 1)
+        ci = c["ci"]
+        if not isinstance(ci, list) or len(ci) != 2 or not (all(v is None for v in ci) or all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in ci)):
+            _fail(where, f"{key}.coef.{name}.ci", "must be [lo, hi] numbers or [null, null]")
+
+
+def check_fit(fit: dict, where: str = "FIT.json") -> None:
+    """Every key `predict`, `train --hparams`, the sweep's `around:` grids and the plots read, with the right
+    types and finite numbers: one UserError naming the first key that is not."""
+    laws = _mapping(fit, "laws", where)
+    for key in ("lr", "batch_tokens"):
+        law = laws.get(key)
+        if not isinstance(law, dict):
+            _fail(where, f"laws.{key}", "is missing" if law is None else "must be a mapping")
+        inputs = law.get("inputs")
+        if not isinstance(inputs, list) or not inputs or not set(inputs) <= {"N", "D"} or len(set(inputs)) != len(
+                inputs):
+            _fail(where, f"laws.{key}.inputs", f"must be a list of N and/or D, got {inputs!r}")
+        if "log_coef" not in law:
+            _fail(where, f"laws.{key}.log_coef", "is missing")
+        _numbers(law["log_coef"], where, f"laws.{key}.log_coef", 1 + len(inputs))
+        _check_coef(law, where, f"laws.{key}")
+        _check_samples(law, where, f"laws.{key}", 1 + len(inputs))
+    data = _mapping(fit, "data", where)
+    for key in ("n_params_range", "tokens_range"):
+        values = _numbers(data.get(key), where, f"data.{key}", 2)
+        if not 0 < values[0] <= values[1]:
+            _fail(where, f"data.{key}", f"must be [lo, hi] with 0 < lo <= hi, got {values}")
+    law = fit.get("loss_law")
+    if law is not None:
+        if not isinstance(law, dict):
+            _fail(where, "loss_law", "must be a mapping or null")
+        theta = _mapping(law, "theta", where, "loss_law.theta")
+        _numbers([theta.get(p) for p in PARAMS], where, "loss_law.theta", len(PARAMS))
+        _check_coef(law, where, "loss_law")
+        for name in ("E", "A", "B", "alpha", "beta"):
+            if name not in law["coef"]:
+                _fail(where, f"loss_law.coef.{name}", "is missing")
+        _check_samples(law, where, "loss_law", len(PARAMS))
+    for key in ("cell_optima",):
+        cells = fit.get(key, [])
+        if not isinstance(cells, list) or not all(
+                isinstance(c, dict) and _is_positive(c.get("n_params")) and _is_positive(c.get("tokens"))
+                for c in cells):
+            _fail(where, key, "must be a list of cells with positive n_params and tokens")
+    q = fit.get("quality")
+    if q is not None and not (isinstance(q, dict) and q.get("status") in ("ok", "warning", "unusable")
+                              and isinstance(q.get("laws"), dict) and isinstance(q.get("flags"), list)
+                              and all(_is_flag(f) for f in q["flags"])):
+        _fail(where, "quality", "must hold a status (ok, warning or unusable), laws and flags")
+
+
+def _is_flag(flag) -> bool:
+    return (isinstance(flag, dict) and isinstance(flag.get("message"), str) and isinstance(flag.get("code"), str)
+            and flag.get("severity") in ("warning", "unusable"))
+
+
+def _is_positive(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def check_output(path: str | os.PathLike, what: str, directory: bool = False) -> Path:
+    """Fail with one line, before any work, if `path` (a file, or with `directory` a folder) cannot be written:
+    an existing file or folder in the way, a parent that is a file, or no write permission."""
+    path = Path(path).expanduser()
+    if path.exists() and path.is_dir() != directory:
+        kind = "a directory" if path.is_dir() else "a file"
+        raise UserError(f"{what} {path} is {kind}")
+    parent = path if directory and path.exists() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{what} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{what} {path} is not writable")
+    return path

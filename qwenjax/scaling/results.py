@@ -3,6 +3,11 @@
 A results file is append-only and written by a sweep that may have been killed, so a torn or hand-edited
 line must not sink a fit: by default malformed lines are skipped and counted (`df.attrs["skipped_lines"]`);
 `strict=True` rejects the file at the first one, naming the line.
+
+The loss column is chosen once for the whole table and never silently: when some successful runs lack
+`eval_loss`, the fit falls back to `final_loss` for every run and `df.attrs["loss_column_switch"]` records
+how many rows forced it; with an explicit column, runs without it are dropped and counted
+(`df.attrs["dropped"]`). `scaling.quality` turns both into flags.
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ from qwenjax.errors import UserError
 #: Loss columns a sweep writes; the default prefers held-out loss and falls back to the final training loss.
 LOSS_COLUMNS = ("eval_loss", "final_loss")
 _POSITIVE = ("n_params", "tokens", "lr", "batch_tokens")
+#: optional fields that, when present, must be positive numbers (or scalars, for the identifiers)
+_OPTIONAL_POSITIVE = ("batch_size", "seq_len")
+_SCALARS = ("run_id", "seed", "name")
+#: what a malformed line can raise while parsed and checked (deep nesting, huge integers, odd types)
+_LINE_ERRORS = (ValueError, TypeError, OverflowError, RecursionError)
 
 
 def _is_number(value) -> bool:
@@ -31,6 +41,13 @@ def _record(obj, where: str) -> dict:
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     row = dict(obj)
+    for key in _OPTIONAL_POSITIVE:
+        value = row.get(key)
+        if value is not None and not (_is_number(value) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{key} must be a positive number, got {value!r}")
+    for key in _SCALARS:
+        if isinstance(row.get(key), dict | list):
+            raise ValueError(f"{key} must be a string or a number, got {row[key]!r}")
     if (
         row.get("batch_tokens") is None
         and _is_number(row.get("batch_size"))
@@ -58,21 +75,27 @@ def _read_file(path: Path, strict: bool) -> tuple[list[dict], list[int]]:
     if not path.is_file():
         raise UserError(f"results file not found: {path}")
     rows, bad = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(_record(json.loads(line), path.name))
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
-                if strict:
-                    raise UserError(f"{path}:{lineno}: malformed results line ({e})") from None
-                bad.append(lineno)
+    try:
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    rows.append(_record(json.loads(raw.decode("utf-8")), path.name))
+                except _LINE_ERRORS as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+                    if strict:
+                        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                        raise UserError(f"{path}:{lineno}: malformed results line ({reason})") from None
+                    bad.append(lineno)
+    except OSError as e:
+        raise UserError(f"cannot read results file {path}: {e.strerror or e}") from None
     return rows, bad
 
 
 def choose_loss_column(df: pd.DataFrame, loss_column: str | None = None) -> str:
-    """`eval_loss` if every successful run has one, else `final_loss`: never mix the two within one fit."""
+    """`eval_loss` if every successful run has one, else `final_loss`: never mix the two within one fit.
+
+    `load_results` records the fallback (`attrs["loss_column_switch"]`) so the fit can flag it."""
     if loss_column is not None:
         if loss_column not in df.columns:
             raise UserError(
@@ -114,10 +137,23 @@ def load_results(
     df = df.reset_index(drop=True)
     column = choose_loss_column(df, loss_column)
     df["loss"] = pd.to_numeric(df[column], errors="coerce").astype(float)
-    df["valid"] = (df["status"] == "ok") & np.isfinite(df["loss"]) & (df["loss"] > 0)
+    usable = np.isfinite(df["loss"]) & (df["loss"] > 0)
+    df["valid"] = (df["status"] == "ok") & usable
+    ok_without = int(((df["status"] == "ok") & ~usable).sum())
+    switch = None
+    if loss_column is None and column != LOSS_COLUMNS[0] and (df["status"] == "ok").any():
+        missing = int(((df["status"] == "ok") & ~np.isfinite(df[LOSS_COLUMNS[0]])).sum())
+        switch = {"from": LOSS_COLUMNS[0], "to": column, "rows": missing, "of": int((df["status"] == "ok").sum()),
+                  "reason": f"{missing} ok run(s) have no finite {LOSS_COLUMNS[0]}; every run uses {column} "
+                  f"(pass --loss-column {LOSS_COLUMNS[0]} to drop those runs instead)"}
+    dropped = None
+    if ok_without:
+        dropped = {"rows": ok_without, "reason": f"ok run(s) without a finite positive {column}"}
     df.attrs.update(
         files=[str(p) for p in paths],
         loss_column=column,
+        loss_column_switch=switch,
+        dropped=dropped,
         skipped_lines=sum(map(len, skipped.values())),
         skipped_at={k: v[:10] for k, v in skipped.items()},
     )
