@@ -7,7 +7,10 @@ the key (with a did-you-mean for unknown keys). Nothing here imports JAX, so the
 CLI can load and validate configs cheaply.
 
 Units: `train.batch_size` is the GLOBAL batch in sequences; tokens of a run D = steps x batch_size x seq_len
-(`planned_tokens`). `optim.lr` is the peak learning rate.
+(`planned_tokens`). `train.tokens` plans D instead: the steps become `steps_for_tokens(tokens, batch_size,
+seq_len)`, recomputed whenever the batch changes. Give one of `train.steps` and `train.tokens`: the later layer
+(a child YAML over its base, the command line over the YAML) decides; both in one layer must agree.
+`optim.lr` is the peak learning rate.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ __all__ = [
     "DECAY_SHAPES", "MISSING", "SCHEDULES", "CheckpointSection", "DataSection", "EvalSection", "MeshSection",
     "ModelSection", "OptimSection", "RunConfig", "SourceSpec", "TrainSection", "all_keys", "atomic_write_text",
     "config_from_dict", "config_to_dict", "data_parallel_size", "load_config", "missing_keys",
-    "model_config", "parse_overrides", "planned_tokens", "positive", "run_dir", "save_config",
+    "model_config", "parse_overrides", "planned_tokens", "positive", "run_dir", "save_config", "steps_for_tokens",
 ]
 
 
@@ -70,6 +73,9 @@ class RunConfig:
         if self.train.seq_len > mc.max_position_embeddings:
             raise UserError(f"train.seq_len ({self.train.seq_len}) exceeds model.max_position_embeddings "
                             f"({mc.max_position_embeddings})")
+        t = self.train
+        if t.tokens is not None and t.steps != steps_for_tokens(t.tokens, t.batch_size, t.seq_len):
+            raise UserError(_both_message(t.steps, t.tokens, ""))
         dp = data_parallel_size(self.mesh)
         micro = self.train.batch_size // self.train.grad_accum
         if dp is not None and micro % dp:
@@ -85,6 +91,49 @@ class RunConfig:
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def steps_for_tokens(tokens: float, batch_size: int, seq_len: int) -> int:
+    """Steps that train `tokens` tokens in batches of `batch_size` sequences of `seq_len`: nearest, at least 1."""
+    return max(1, round(tokens / (batch_size * seq_len)))
+
+
+def _both_message(steps, tokens, where: str) -> str:
+    return (f"train.steps ({steps}) and train.tokens ({tokens:g}) are both given{where} and disagree: give one "
+            "of them (train.tokens sets train.steps = tokens / (batch_size x seq_len))")
+
+
+def _step_plan(layers: Sequence[tuple[Mapping, str]]) -> tuple[str | None, str]:
+    """Which of train.steps / train.tokens the last layer naming one of them gives: "steps", "tokens" or
+    "both" (with that layer's description); both on the command line is an error."""
+    plan, where = None, ""
+    for tree, layer in layers:
+        train = tree.get("train") if isinstance(tree, Mapping) else None
+        if not isinstance(train, Mapping):
+            continue
+        has_steps, has_tokens = "steps" in train, train.get("tokens") is not None
+        if has_steps and has_tokens and layer == _CLI:
+            raise UserError("train.steps and train.tokens are both given in the command-line overrides: give "
+                            "one of them (train.tokens sets train.steps = tokens / (batch_size x seq_len))")
+        if has_steps or has_tokens or "tokens" in train:
+            plan, where = ("both" if has_tokens and has_steps else "tokens" if has_tokens else "steps"), layer
+    return plan, where
+
+
+def _resolve_steps(tree: dict, plan: str | None, where: str) -> None:
+    """Fill train.steps from train.tokens (plan "tokens"), drop tokens a later train.steps replaced."""
+    train = tree.get("train") or {}
+    tokens, batch, seq = train.get("tokens"), train.get("batch_size"), train.get("seq_len")
+    if plan == "steps":
+        train["tokens"] = None
+        return
+    valid = all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in (tokens, batch, seq))
+    if plan is None or not valid or tokens == float("inf"):
+        return  # nothing to resolve, or a bad value the sections report
+    steps = steps_for_tokens(tokens, batch, seq)
+    if plan == "both" and train.get("steps") != steps:
+        raise UserError(_both_message(train.get("steps"), tokens, where))
+    train["steps"] = steps
 
 
 def data_parallel_size(mesh: MeshSection) -> int | None:
@@ -127,6 +176,7 @@ def _check_keys(tree: Mapping, where: str, prefix: str = "") -> None:
         raise UserError(f"unknown config key {dotted!r}{where}{hint}")
 
 
+_CLI = " in the command-line overrides"
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
@@ -163,8 +213,8 @@ def _user_error(e: OmegaConfBaseException, where: str) -> UserError:
     return UserError(f"{key}: {msg}{where}" if key else f"{msg}{where}")
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """The YAML as a dict with its `base:` chain merged underneath (child wins)."""
+def _yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
+    """The YAML and its `base:` chain, base first: (tree, " in <file>") per file, each checked key by key."""
     path = path.expanduser()
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -179,13 +229,11 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base = tree.pop("base", None)
     _check_keys(tree, f" in {path}")
     if base is None:
-        return tree
+        return [(tree, f" in {path}")]
     base_path = Path(base).expanduser()
     if not base_path.is_absolute():
         base_path = path.parent / base_path
-    merged = OmegaConf.merge(OmegaConf.create(_read_yaml(base_path, (*seen, path.resolve()))),
-                             OmegaConf.create(tree))
-    return OmegaConf.to_container(merged)
+    return [*_yaml_layers(base_path, (*seen, path.resolve())), (tree, f" in {path}")]
 
 
 def parse_overrides(overrides: Sequence[str] | Mapping[str, Any]) -> dict:
@@ -249,12 +297,11 @@ def load_config(path: str | os.PathLike | None,
     """
     schema = OmegaConf.structured(RunConfig)
     OmegaConf.set_readonly(schema, False)
-    layers = []
-    if path is not None:
-        layers.append((_read_yaml(Path(path)), f" in {path}"))
+    layers = _yaml_layers(Path(path)) if path is not None else []
     override_tree = parse_overrides(overrides)
-    _check_keys(override_tree, " in the command-line overrides")
-    layers.append((override_tree, " in the command-line overrides"))
+    _check_keys(override_tree, _CLI)
+    layers.append((override_tree, _CLI))
+    plan = _step_plan(layers)
     merged = schema
     for tree, where in layers:
         try:
@@ -264,6 +311,7 @@ def load_config(path: str | os.PathLike | None,
         except TypeError as e:  # e.g. a list given where a mapping belongs
             raise UserError(f"invalid value{where}: {e}") from None
     tree = OmegaConf.to_container(merged)
+    _resolve_steps(tree, *plan)
     if not tree.get("run_dir"):
         tree["run_dir"] = str(Path("runs") / (Path(path).stem if path is not None else "run"))
     return _build(RunConfig, tree)
@@ -302,6 +350,11 @@ def _replace_dotted(cfg: RunConfig, changes: Mapping[str, Any]) -> RunConfig:
         for part in parents:
             node = node[part]
         node[leaf] = config_to_dict(value) if dataclasses.is_dataclass(value) else value
+    train = tree["train"]
+    if "train.steps" in changes and "train.tokens" not in changes:
+        train["tokens"] = None  # explicit steps replace a token plan (e.g. a cooldown fork)
+    elif train.get("tokens") is not None and "train.steps" not in changes:
+        train["steps"] = steps_for_tokens(train["tokens"], train["batch_size"], train["seq_len"])
     return config_from_dict(tree)
 
 

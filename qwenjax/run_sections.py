@@ -56,6 +56,7 @@ _WANDB_WORDS = {"auto": "auto", "true": "true", "1": "true", "yes": "true", "on"
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
     steps: int = 1000
+    tokens: float | None = None  # planned D: sets steps = tokens / (batch_size x seq_len) (run_config.load_config)
     batch_size: int = 32  # global, in sequences
     seq_len: int = 512
     grad_accum: int = 1  # micro-batches per step (each batch_size // grad_accum sequences)
@@ -70,6 +71,8 @@ class TrainSection:
             raise UserError(f"train.wandb must be auto, true or false, got {self.wandb!r}")
         object.__setattr__(self, "wandb", wandb)
         positive("train.steps", self.steps)
+        if self.tokens is not None and not (isinstance(self.tokens, int | float) and 1 <= self.tokens < float("inf")):
+            raise UserError(f"train.tokens must be a positive number of tokens, got {self.tokens!r}")
         positive("train.batch_size", self.batch_size)
         positive("train.seq_len", self.seq_len)
         positive("train.grad_accum", self.grad_accum)

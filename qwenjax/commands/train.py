@@ -25,8 +25,11 @@ def register(subparsers) -> None:
                    help="run config (default: the built-in defaults)")
     p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="dotted config overrides")
     p.add_argument("--hparams", metavar="FIT.json", default=None,
-                   help="set optim.lr and train.batch_size from a scaling-law fit (keeping the planned "
-                        "tokens; explicit KEY=VALUE overrides still win)")
+                   help="set optim.lr and train.batch_size from a scaling-law fit, then train.steps so the "
+                        "run trains the planned tokens (train.tokens, else the config's steps); an explicit "
+                        "KEY=VALUE lr or batch still wins")
+    p.add_argument("--force", action="store_true",
+                   help="with --hparams: use a fit whose quality flags a law unusable (see FIT.json quality)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (after overrides and --hparams) as YAML and exit")
     p.set_defaults(func=_run)
@@ -69,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     from qwenjax.train import train
 
     if args.hparams:
-        cfg, notes = apply_hparams(cfg, args.hparams, explicit_overrides(override_tree))
+        cfg, notes = apply_hparams(cfg, args.hparams, explicit_overrides(override_tree), force=args.force)
         for note in notes:
             log.info("%s", note)
     if args.print_config:
