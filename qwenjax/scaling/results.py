@@ -36,6 +36,14 @@ def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _is_finite(value) -> bool:
+    """A number that is finite as a float (an integer too large for one is not)."""
+    try:
+        return _is_number(value) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _record(obj, where: str) -> dict:
     """Check one parsed line and fill derived fields; raise ValueError naming what is wrong."""
     if not isinstance(obj, dict):
@@ -43,11 +51,14 @@ def _record(obj, where: str) -> dict:
     row = dict(obj)
     for key in _OPTIONAL_POSITIVE:
         value = row.get(key)
-        if value is not None and not (_is_number(value) and math.isfinite(value) and value > 0):
+        if value is not None and not (_is_finite(value) and value > 0):
             raise ValueError(f"{key} must be a positive number, got {value!r}")
     for key in _SCALARS:
         if isinstance(row.get(key), dict | list):
             raise ValueError(f"{key} must be a string or a number, got {row[key]!r}")
+    seed = row.get("seed")
+    if seed is not None and not _is_finite(seed):
+        raise ValueError(f"seed must be a number, got {seed!r}")
     if (
         row.get("batch_tokens") is None
         and _is_number(row.get("batch_size"))
@@ -56,7 +67,7 @@ def _record(obj, where: str) -> dict:
         row["batch_tokens"] = row["batch_size"] * row["seq_len"]
     for key in _POSITIVE:
         value = row.get(key)
-        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        if not _is_finite(value) or value <= 0:
             raise ValueError(f"{key} must be a positive number, got {value!r}")
     diverged = bool(row.get("diverged", False))
     status = row.get("status") or ("diverged" if diverged else "ok")
@@ -66,7 +77,7 @@ def _record(obj, where: str) -> dict:
     row["diverged"] = row["status"] == "diverged"
     for key in LOSS_COLUMNS:
         value = row.get(key)
-        row[key] = float(value) if _is_number(value) else math.nan
+        row[key] = float(value) if _is_finite(value) else math.nan
     row["source"] = where
     return row
 
