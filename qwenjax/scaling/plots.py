@@ -28,6 +28,7 @@ from qwenjax.scaling.units import format_count
 _CELL = ["n_params", "tokens"]
 _SPAN = 30.0  # an interval may reach this factor beyond its points before it is cut at the edge
 _MAX_TICKS = 8
+DPI = 110
 
 
 def _figure(rows: int = 1, cols: int = 1, size=(5.0, 3.8)):
@@ -37,11 +38,11 @@ def _figure(rows: int = 1, cols: int = 1, size=(5.0, 3.8)):
     return fig, axes
 
 
-def _save(fig: Figure, path) -> Figure:
+def _save(fig: Figure, path, dpi: int = DPI) -> Figure:
     _declutter(fig)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=dpi)
     return fig
 
 
@@ -395,23 +396,29 @@ def plot_holdout(fit: dict, path=None) -> Figure:
 
 
 def make_plots(
-    df: pd.DataFrame, fit: dict, outdir, sizes: dict[str, float] | None = None, tokens: float | None = None
+    df: pd.DataFrame,
+    fit: dict,
+    outdir,
+    sizes: dict[str, float] | None = None,
+    tokens: float | None = None,
+    dpi: int = DPI,
 ) -> list[Path]:
-    """Every plot a fit supports, as PNGs in `outdir`; returns the paths written."""
+    """Every plot a fit supports, as PNGs in `outdir` (at `dpi`: a notebook keeps its outputs small with
+    less); returns the paths written."""
     outdir = Path(outdir)
     jobs = [
-        ("lr_sweeps.png", lambda p: plot_lr_sweeps(df, fit, p)),
-        ("batch_sweeps.png", lambda p: plot_batch_sweeps(df, fit, p)),
-        ("hparam_laws.png", lambda p: plot_hparam_laws(fit, p)),
+        ("lr_sweeps.png", lambda: plot_lr_sweeps(df, fit)),
+        ("batch_sweeps.png", lambda: plot_batch_sweeps(df, fit)),
+        ("hparam_laws.png", lambda: plot_hparam_laws(fit)),
     ]
     if fit.get("loss_law"):
-        jobs.append(("loss_law.png", lambda p: plot_loss_law(df, fit, p)))
+        jobs.append(("loss_law.png", lambda: plot_loss_law(df, fit)))
     if fit.get("holdout"):
-        jobs.append(("holdout.png", lambda p: plot_holdout(fit, p)))
+        jobs.append(("holdout.png", lambda: plot_holdout(fit)))
     if sizes:
-        jobs.append(("predictions.png", lambda p: plot_predictions(fit, sizes, tokens or QWEN25_TOKENS, p)))
+        jobs.append(("predictions.png", lambda: plot_predictions(fit, sizes, tokens or QWEN25_TOKENS)))
     paths = []
     for name, draw in jobs:
-        draw(outdir / name)
+        _save(draw(), outdir / name, dpi)
         paths.append(outdir / name)
     return paths
