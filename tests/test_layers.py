@@ -18,6 +18,8 @@ MAX_LINES = 500
 ALLOWED = {
     "errors": set(),
     "jsonl": set(),
+    "lock": {"errors"},
+    "signals": set(),
     "config": {"errors"},
     "run_sections": {"errors"},
     "scaling": {"config", "errors"},
@@ -25,7 +27,8 @@ ALLOWED = {
     "attention": {"errors", "run_sections"},
     "model": {"attention", "config", "rope"},
     "data": {"errors", "jsonl", "run_config", "run_sections", "config"},
-    "train": {"attention", "config", "data", "errors", "jsonl", "model", "model_io", "run_config", "run_sections"},
+    "train": {"attention", "config", "data", "errors", "jsonl", "lock", "model", "model_io", "run_config",
+              "run_sections", "signals"},
 }
 
 

@@ -25,8 +25,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from qwenjax import jsonl
+from qwenjax import jsonl, signals
 from qwenjax.errors import UserError
+from qwenjax.lock import DirLock
 from qwenjax.run_config import config_to_dict
 from qwenjax.scaling.noise import noise_floor
 from qwenjax.scaling.results import load_results
@@ -72,6 +73,7 @@ class _Driver:
         self.attempts: dict[str, int] = defaultdict(int)
         self.unit_ids = itertools.count()
         self.new_rows: list[dict] = []  # rows finished in this invocation
+        self.interrupted: list[dict] = []  # runs stopped by a signal in this invocation (saved, not finished)
         self.lost_units = 0
 
     # -- planning -------------------------------------------------------------------------------------
@@ -161,7 +163,12 @@ class _Driver:
             self.advance_cell(cell, progress)
         units: list[dict] = []
         in_flight = 0
+        stopping = None
         while True:
+            if stopping is None and signals.requested():  # forward once; wait for the workers to save
+                stopping = signals.requested()
+                getattr(executor, "interrupt", lambda _: None)(stopping)
+                units, self.pending = [], []  # not started: planned again by the next invocation
             if self.pending:
                 units += self.make_units()
             for slot in executor.free_slots():
@@ -185,6 +192,8 @@ class _Driver:
                 elif kind == "unit_lost":
                     in_flight -= 1
                     self.lost_units += 1
+                    if stopping:  # killed by the signal itself: no verdict, the next invocation reruns it
+                        continue
                     recorded = self.store.latest()  # a worker may have appended a row just before it died
                     for payload in event["unit"]["runs"]:
                         rid = payload["row"]["run_id"]
@@ -201,6 +210,12 @@ class _Driver:
     def on_result(self, row: dict, appended: bool, progress) -> None:
         rid = row["run_id"]
         if rid in self.rows:
+            return
+        if row["status"] == "interrupted":  # recorded, but not a result: the next invocation resumes it
+            if not appended:
+                self.store.append(row)
+            self.interrupted.append(row)
+            progress.finish(row)
             return
         if row["status"] == "failed":
             self.attempts[rid] += 1
@@ -305,14 +320,23 @@ def make_executor(spec, out_dir: Path, opts: SweepOptions):
 
 
 def run_sweep(spec, out_dir: str | os.PathLike, opts: SweepOptions | None = None) -> dict:
-    """Run (or resume) a sweep; returns the summary that is also written to DIR/summary.json."""
+    """Run (or resume) a sweep; returns the summary that is also written to DIR/summary.json.
+
+    The sweep holds `DIR/.lock` throughout (a second sweep on DIR gets a UserError naming the holder; each run
+    directory's own lock is taken by the worker that trains it). On SIGTERM/SIGINT the workers get the signal,
+    the runs in progress save a checkpoint and are recorded `interrupted`, the summary is written and
+    `signals.Interrupted` raised: rerunning the command continues them."""
     opts = opts or SweepOptions()
     if opts.max_retries < 0:
         raise UserError(f"--max-retries must be >= 0, got {opts.max_retries}")
     if not hasattr(spec, "models"):
         spec = load_spec(spec)
     out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with DirLock(out_dir, "sweep folder"), signals.stop_signals():
+        return _run_sweep(spec, out_dir, opts)
+
+
+def _run_sweep(spec, out_dir: Path, opts: SweepOptions) -> dict:
     driver = _Driver(spec, out_dir, opts)  # plans and validates before anything starts
     jsonl.atomic_write_text(out_dir / "spec.json", json.dumps(spec_dict(spec), indent=1, default=str) + "\n")
     t0 = time.perf_counter()
@@ -325,4 +349,11 @@ def run_sweep(spec, out_dir: str | os.PathLike, opts: SweepOptions | None = None
         executor.close()
     summary = summarize(driver, time.perf_counter() - t0, executor.describe())
     jsonl.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    signum = signals.requested()
+    if signum:
+        n = len(driver.interrupted)
+        raise signals.Interrupted(signum, f"sweep interrupted ({signals.signal_name(signum)}): {n} run"
+                                          f"{'' if n == 1 else 's'} interrupted (each saved a checkpoint in its "
+                                          f"run directory); results in {out_dir / 'results.jsonl'}; rerun the "
+                                          "same command to continue")
     return summary

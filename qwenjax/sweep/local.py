@@ -179,6 +179,15 @@ class LocalExecutor:
             except queue.Empty:
                 return out
 
+    def interrupt(self, signum: int) -> None:
+        """Forward a signal to the workers: each finishes its step, checkpoints and reports `interrupted`."""
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.poll() is None:
+                try:
+                    slot.proc.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
     def close(self) -> None:
         for slot in self.slots:
             if slot.proc is not None and slot.proc.poll() is None:

@@ -6,9 +6,10 @@ reads go through `qwenjax.jsonl` (whole lines under a lock, fsynced; a torn tail
 skipped, so a damaged file never stops a resume).
 
 The state of a sweep is derived from this file alone: a run whose latest line is `ok` or `diverged` is
-done; a `failed` one is retried by the next invocation. A run that finished (its run directory has a
-`summary.json`) but has no line, because the sweep was killed between the two, is recovered from its run
-directory without training again (`recover_finished`).
+done; a `failed` or `interrupted` one is trained again by the next invocation (an interrupted one resumes
+from its checkpoint). A run that finished (its run directory has a `summary.json`) but has no line, because
+the sweep was killed between the two, is recovered from its run directory without training again
+(`recover_finished`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import yaml
 from qwenjax import jsonl
 
 DONE = ("ok", "diverged")
-STATUSES = ("ok", "diverged", "failed")
+#: `interrupted`: stopped by SIGTERM/SIGINT after saving a checkpoint; like `failed`, not a result (the next
+#: invocation trains it again, and the trainer resumes from that checkpoint), but not counted as a failure
+STATUSES = ("ok", "diverged", "failed", "interrupted")
 #: fields every result line has (values may be None where unknown, e.g. losses of a failed run)
 REQUIRED_FIELDS = (
     "run_id", "name", "n_params", "n_params_total", "tokens", "lr", "batch_size", "batch_tokens", "seq_len",
@@ -62,12 +65,12 @@ def row_loss(row: dict) -> float:
 
 
 def result_row(payload: dict, summary: dict | None, *, wall_s: float, compile_s: float | None, mode: str,
-               error: str | None = None, recovered: bool = False) -> dict:
+               error: str | None = None, recovered: bool = False, interrupted: bool = False) -> dict:
     """A complete result line: the planned fields (`payload["row"]`) plus what the run reported."""
     row = dict(payload["row"])
     summary = summary or {}
     diverged = bool(summary.get("diverged", False))
-    status = "failed" if error else "diverged" if diverged else "ok"
+    status = "interrupted" if interrupted else "failed" if error else "diverged" if diverged else "ok"
     row.update(
         final_loss=summary.get("final_loss"), eval_loss=summary.get("eval_loss"), diverged=diverged,
         status=status, wall_s=round(float(summary.get("wall_s", wall_s) if recovered else wall_s), 3),

@@ -21,6 +21,7 @@ from jax import monitoring
 
 from qwenjax.errors import one_line
 from qwenjax.run_config import config_from_dict
+from qwenjax.signals import Interrupted
 from qwenjax.sweep.results import recover_finished, result_row
 
 RunFn = Callable[[Any], dict]
@@ -73,7 +74,8 @@ def resolve_run_fn(spec: str | None) -> RunFn:
 
 
 def execute_run(payload: dict, run_fn: RunFn, *, mode: str = "solo", forks: list[dict] = ()) -> dict:
-    """Train one run (or recover it) and return its result row; exceptions become a `failed` row.
+    """Train one run (or recover it) and return its result row; exceptions become a `failed` row, a stop on
+    a signal (the trainer saved a checkpoint) an `interrupted` one.
     `forks`: configs (as dicts) of shorter runs this one hands its state to (`qwenjax.train.train`)."""
     recovered = recover_finished(payload)
     if recovered is not None:
@@ -83,6 +85,9 @@ def execute_run(payload: dict, run_fn: RunFn, *, mode: str = "solo", forks: list
         cfg = config_from_dict(payload["config"])
         summary = run_fn(cfg, forks=[config_from_dict(f) for f in forks]) if forks else run_fn(cfg)
         error = None
+    except Interrupted as e:
+        wall = time.perf_counter() - t0
+        return result_row(payload, None, wall_s=wall, compile_s=None, mode=mode, error=str(e), interrupted=True)
     except Exception as e:  # noqa: BLE001 - a failed run must not stop the sweep
         traceback.print_exc()
         summary, error = None, one_line(e)

@@ -21,13 +21,17 @@ import sys
 import threading
 from collections.abc import Callable
 
+from qwenjax import signals
 from qwenjax.sweep.population import execute_population
 from qwenjax.sweep.results import ResultsStore
 from qwenjax.sweep.runner import RunFn, execute_run, resolve_run_fn, setup_jax
 
 
 def execute_unit(unit: dict, run_fn: RunFn, emit: Callable[[dict], None], store: ResultsStore | None) -> None:
-    """Train a unit; emit `started`/`result` events; append ok/diverged rows to `store` if given."""
+    """Train a unit; emit `started`/`result` events; append ok/diverged/interrupted rows to `store` if given.
+    On SIGTERM/SIGINT the run in progress saves and is recorded `interrupted`, and the unit's remaining runs
+    are not started (no row: the next invocation plans them again). A population, which does not
+    checkpoint, leaves no rows either."""
 
     def finished(row: dict) -> None:
         appended = False
@@ -37,13 +41,21 @@ def execute_unit(unit: dict, run_fn: RunFn, emit: Callable[[dict], None], store:
         emit({"event": "result", "row": row, "appended": appended})
 
     if unit["kind"] == "population" and len(unit["runs"]) > 1:
-        execute_population(unit, run_fn, emit, finished)
+        try:
+            execute_population(unit, run_fn, emit, finished)
+        except signals.Interrupted:
+            pass
         return
     # a family trains its longest run first, handing over its state to the rest, which then resume from it
     forks = [p["config"] for p in unit["runs"][1:]] if unit["kind"] == "family" else []
     for i, payload in enumerate(unit["runs"]):
+        if signals.requested():
+            return
         emit({"event": "started", "run_id": payload["row"]["run_id"]})
-        finished(execute_run(payload, run_fn, forks=forks if i == 0 else []))
+        row = execute_run(payload, run_fn, forks=forks if i == 0 else [])
+        finished(row)
+        if row["status"] == "interrupted":
+            return
 
 
 def unit_rows(unit: dict, out_dir: str, run_fn: str | None) -> list[dict]:
@@ -79,13 +91,16 @@ def worker_main(argv: list[str] | None = None) -> int:
             proto.flush()
 
     emit({"event": "ready", "pid": os.getpid()})
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        msg = json.loads(line)
-        if msg.get("stop"):
-            break
-        unit = msg["unit"]
-        execute_unit(unit, run_fn, emit, store)
-        emit({"event": "unit_done", "unit_id": unit["id"]})
+    with signals.stop_signals():  # the driver forwards SIGTERM/SIGINT: finish the step, save, stop
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            msg = json.loads(line)
+            if msg.get("stop"):
+                break
+            unit = msg["unit"]
+            execute_unit(unit, run_fn, emit, store)
+            emit({"event": "unit_done", "unit_id": unit["id"]})
+            if signals.requested():
+                return 128 + signals.requested()
     return 0

@@ -18,6 +18,7 @@ solo run pays nothing for the population axis.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -31,16 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwenjax import model as qmodel
-from qwenjax.config import ModelConfig, flops_per_token, param_counts
-from qwenjax.data import make_eval_batches, make_train_iterator
-from qwenjax.data.prepare import DataSetup, prepare_data
+from qwenjax.config import param_counts
 from qwenjax.errors import UserError
+from qwenjax.lock import DirLock
 from qwenjax.model_io import config_to_dict as model_config_to_dict
-from qwenjax.run_config import RunConfig, missing_keys, model_config, save_config
+from qwenjax.run_config import RunConfig, missing_keys, save_config
 from qwenjax.train import metrics as qmetrics
 from qwenjax.train import sharding
 from qwenjax.train.checkpoint import Checkpointer, abstract_with_shardings
-from qwenjax.train.compile import setup_compilation_cache
+from qwenjax.train.interrupt import interrupted, run_dir_lock, stop_check
 from qwenjax.train.run_dir import (
     finished_summary,
     fork_steps,
@@ -51,11 +51,11 @@ from qwenjax.train.run_dir import (
     write_model,
     write_summary,
 )
+from qwenjax.train.setup import RunSetup, setup_run
 from qwenjax.train.start import initial_state
 from qwenjax.train.step import (
     abstract_state,
     checkpointed,
-    compiled_eval_step,
     compiled_train_step,
     init_state_sharded,
     make_hparams,
@@ -65,67 +65,6 @@ from qwenjax.train.step import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class RunSetup:
-    """What every member of a loop shares: mesh, data, model shape, iterators and the held-out step."""
-
-    cfg: RunConfig
-    mesh: Any
-    data: DataSetup
-    model_cfg: ModelConfig
-    train_iter: Any
-    eval_sets: list
-    eval_fn: Callable
-    compile_eval_s: float
-    fpt: float  # FLOPs per token
-    peak: float
-    peak_source: str
-
-    def evaluate(self, params) -> tuple[float, dict[str, float]]:
-        return heldout_loss(self.eval_fn, params, self.eval_sets, self.data.weights)
-
-
-def setup_run(cfg: RunConfig) -> RunSetup:
-    """Validate, then build the mesh, data, iterators and held-out batches (nothing is written yet)."""
-    mesh = sharding.mesh_from_config(cfg.mesh)
-    B, T, k = cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum
-    dp = sharding.data_parallel_size(mesh)
-    if (B // k) % dp:
-        raise UserError(f"train.batch_size ({B}) / train.grad_accum ({k}) = {B // k} is not divisible by the "
-                        f"data-parallel size mesh.data x mesh.fsdp = {dp}")
-    setup_compilation_cache(cfg.data.resolved_cache_dir())
-    data = prepare_data(cfg)
-    model_cfg = model_config(cfg, vocab_size=data.vocab_size)
-    if data.vocab_size > model_cfg.vocab_size:
-        raise UserError(f"the tokenizer has {data.vocab_size} tokens but model.vocab_size is "
-                        f"{model_cfg.vocab_size}")
-    block, n_blocks = sharding.process_batch_block(mesh, B)
-    train_iter = make_train_iterator(data.caches, data.weights, seq_len=T, global_batch_size=B, seed=cfg.seed,
-                                     process_index=block, process_count=n_blocks)
-    eval_bs = B // k
-    e_block, e_blocks = sharding.process_batch_block(mesh, eval_bs)
-    eval_sets = [[sharding.global_batch(b, mesh, eval_bs) for b in make_eval_batches(
-        c, seq_len=T, batch_size=eval_bs, num_batches=cfg.eval.num_batches(eval_bs), process_index=e_block,
-        process_count=e_blocks)] for c in data.caches]
-    eval_fn, compile_eval_s = compiled_eval_step(model_cfg, mesh, eval_bs, T,
-                                                 attention_impl=cfg.attention.impl)
-    peak, peak_source = qmetrics.peak_flops(mesh.devices.flat)
-    return RunSetup(cfg, mesh, data, model_cfg, train_iter, eval_sets, eval_fn, compile_eval_s,
-                    flops_per_token(model_cfg, T), peak, peak_source)
-
-
-def heldout_loss(eval_fn, params, eval_sets, weights) -> tuple[float, dict[str, float]]:
-    """(weighted mean held-out loss per token over the sources, per-source losses when there are several)."""
-    losses = []
-    for batches in eval_sets:
-        sums = [eval_fn(params, b) for b in batches]
-        nll, count = (float(sum(x)) for x in zip(*jax.device_get(sums), strict=True))
-        losses.append(nll / max(count, 1.0))
-    w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
-    per_source = {f"eval_loss_{i}": v for i, v in enumerate(losses)} if len(losses) > 1 else {}
-    return float(np.dot(w, losses)), per_source
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,10 +154,13 @@ class Progress:
 
 def run_steps(setup: RunSetup, stepper, members: list[Member], progress: Progress, *,
               forks_at: dict[int, list] | None = None, handover: Callable | None = None,
-              after_log: Callable | None = None) -> None:
+              after_log: Callable | None = None, should_stop: Callable | None = None) -> int | None:
     """Step until train.steps or until every member diverged; log, evaluate and judge divergence on the
     one cadence (`step_events`). `handover(forks)` hands the state to forks (returns seconds taken);
-    `after_log(do_ckpt, forks)` runs after a logged step of a member that has not diverged."""
+    `after_log(do_ckpt, forks)` runs after a logged step of a member that has not diverged.
+    `should_stop(step)` (read after every step) returns a signal number to stop there, before train.steps:
+    then the steps not logged yet are judged but not logged (a resumed run logs what an uninterrupted one
+    does), and that signal number is returned; None when the run ended."""
     cfg, P = setup.cfg, stepper.members
     B, T = cfg.train.batch_size, cfg.train.seq_len
     forks_at = forks_at or {}
@@ -232,14 +174,19 @@ def run_steps(setup: RunSetup, stepper, members: list[Member], progress: Progres
         pending.append((step, metrics))
         do_eval, do_ckpt, fetch = step_events(cfg, step)
         forks_here = forks_at.get(step, ())
-        if not (fetch or forks_here):
+        signum = should_stop(step) if should_stop is not None and step < cfg.train.steps else None
+        if not (fetch or forks_here or signum):
             continue
         fetched = [stepper.split(m) for m in jax.device_get([m for _, m in pending])]
         now = time.perf_counter()
         judged = {i: _judge(m, [(s, f[i]) for (s, _), f in zip(pending, fetched, strict=True)])
                   for i, m in enumerate(members) if m.diverged_step is None}
-        if forks_here and not fetch and all(m.diverged_step is None for m in members):
-            mark_time += handover(forks_here)  # between logged steps: hand over, log nothing
+        if not fetch and all(m.diverged_step is None for m in members):
+            if forks_here:
+                mark_time += handover(forks_here)  # between logged steps: hand over, log nothing
+            if signum:
+                progress.train_s += time.perf_counter() - mark_time
+                return signum
             continue
         progress.train_s += now - mark_time
         tokens_per_s = (step - mark_step) * B * T / max(now - mark_time, 1e-9)
@@ -261,9 +208,12 @@ def run_steps(setup: RunSetup, stepper, members: list[Member], progress: Progres
             if m.diverged_step is None and after_log is not None:
                 after_log(do_ckpt, forks_here)
         mark_time, mark_step = time.perf_counter(), step
+        if signum and any(m.diverged_step is None for m in members):
+            return signum
     for i, m in enumerate(members):
         if m.diverged_step is None and m.eval_loss is None:  # resumed at the very end: evaluate once more
             m.eval_loss, _ = setup.evaluate(stepper.params(i))
+    return None
 
 
 def _judge(m: Member, steps: list[tuple[int, dict]]) -> tuple[int, dict]:
@@ -301,6 +251,9 @@ def train(cfg: RunConfig, forks: Sequence[RunConfig] = ()) -> dict[str, Any]:
     run reaches a fork's decay start (`fork_steps`), it writes its complete state there (checkpoint, metrics
     so far, config), so `train(fork)` resumes from it and trains only the fork's cooldown, bit-identical to
     training the fork from scratch. A fork that already has a checkpoint or a summary is left alone.
+
+    The run holds `run_dir/.lock` throughout (a second writer gets a UserError naming the holder). SIGTERM
+    or SIGINT stops it after the current step with a complete checkpoint there: `signals.Interrupted`.
     """
     t_start = time.perf_counter()
     sharding.maybe_initialize_distributed()
@@ -309,10 +262,16 @@ def train(cfg: RunConfig, forks: Sequence[RunConfig] = ()) -> dict[str, Any]:
         raise UserError(f"{unset[0]} is not set (the config has ???); pass {unset[0]}=VALUE")
     forks_at = fork_steps(cfg, forks)
     run_dir = Path(cfg.run_dir).expanduser()
-    done = finished_summary(run_dir, cfg)
-    if done is not None:
-        log.info("%s already finished (summary.json); nothing to do", run_dir)
-        return done
+    is_main = jax.process_index() == 0
+    with run_dir_lock(run_dir, is_main), stop_check() as should_stop:
+        done = finished_summary(run_dir, cfg)
+        if done is not None:
+            log.info("%s already finished (summary.json); nothing to do", run_dir)
+            return done
+        return _train(cfg, run_dir, forks_at, should_stop, t_start)
+
+
+def _train(cfg: RunConfig, run_dir: Path, forks_at: dict, should_stop: Callable, t_start: float) -> dict:
     is_main = jax.process_index() == 0
 
     setup = setup_run(cfg)  # all validation before anything is written to the run directory
@@ -369,6 +328,7 @@ def train(cfg: RunConfig, forks: Sequence[RunConfig] = ()) -> dict[str, Any]:
     progress = Progress(start_step)
     prior_wall = float(meta.get("wall_s", 0.0))
     prior_train_s = float(meta.get("train_s", 0.0))
+    saved_step = start_step if restored is not None else None  # the step of the newest checkpoint
 
     def checkpoint_meta() -> dict[str, Any]:
         return {"data": setup.train_iter.get_state(), "initial_loss": member.initial_loss,
@@ -387,15 +347,28 @@ def train(cfg: RunConfig, forks: Sequence[RunConfig] = ()) -> dict[str, Any]:
             write_fork(fork, progress.step, saved_state(), fork_meta, records, is_main)
         return time.perf_counter() - t0
 
+    def save() -> None:
+        nonlocal saved_step
+        ckpt.save(progress.step, saved_state(), checkpoint_meta())
+        saved_step = progress.step
+
     def after_log(do_ckpt: bool, forks_here) -> None:
         if forks_here:  # before this run's own checkpoint: a resume never skips a fork
             handover(forks_here)
         if do_ckpt:
-            ckpt.save(progress.step, saved_state(), checkpoint_meta())
+            save()
 
     try:
-        run_steps(setup, stepper, [member], progress, forks_at=forks_at, handover=handover,
-                  after_log=after_log)
+        signum = run_steps(setup, stepper, [member], progress, forks_at=forks_at, handover=handover,
+                           after_log=after_log, should_stop=should_stop)
+        if signum is not None:  # stopped before train.steps: save the state of this very step, completely
+            already = saved_step == progress.step
+            if ckpt is not None and progress.step > 0 and not already:
+                save()
+            if ckpt is not None:
+                ckpt.wait()
+            saved_in = run_dir / "ckpt" / str(progress.step) if saved_step == progress.step else None
+            raise interrupted(signum, progress.step, saved_in, already)
     finally:
         if ckpt is not None:
             ckpt.close()
@@ -424,20 +397,31 @@ def train_population(run_cfgs: Sequence[RunConfig], strategy: str = "map") -> li
     """Train runs that differ only in optim.lr together on one device; one summary per member (as `train`).
 
     Every member gets its own run_dir with config.yaml, metrics.jsonl and summary.json exactly as its solo
-    run writes them. Populations do not checkpoint: a killed population starts again."""
+    run writes them. Populations do not checkpoint: a killed population starts again,
+    and one stopped by SIGTERM/SIGINT stops after its current step and raises `signals.Interrupted` saying
+    that nothing was saved. Every member's run_dir is locked for the duration."""
     t_start = time.perf_counter()
     cfgs = list(run_cfgs)
-    base, P = cfgs[0], len(cfgs)
-    if sharding.mesh_from_config(base.mesh).devices.size != 1:
+    if sharding.mesh_from_config(cfgs[0].mesh).devices.size != 1:
         raise ValueError("populations train on one device; this mesh has several")
+    with contextlib.ExitStack() as held:  # the members' run dirs, locked until their summaries are written
+        for c in cfgs:
+            held.enter_context(DirLock(Path(c.run_dir).expanduser(), "run_dir"))
+        return _train_population(cfgs, strategy, held.enter_context(stop_check()), t_start)
+
+
+def _train_population(cfgs: list[RunConfig], strategy: str, should_stop: Callable, t_start: float) -> list[dict]:
+    base, P = cfgs[0], len(cfgs)
     setup = setup_run(base)
     stepper = PopulationStepper(setup, cfgs, strategy)
     members = [Member(c, _member_logger(c), []) for c in cfgs]
     progress = Progress(0)
     try:
-        run_steps(setup, stepper, members, progress)
+        signum = run_steps(setup, stepper, members, progress, should_stop=should_stop)
     finally:
         _close(setup, [m.logger for m in members])
+    if signum is not None:
+        raise interrupted(signum, progress.step, None)
 
     wall = time.perf_counter() - t_start
     compile_s = (stepper.compile_s or 0.0) + setup.compile_eval_s
