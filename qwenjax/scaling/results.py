@@ -71,8 +71,8 @@ def _record(obj, where: str) -> dict:
             raise ValueError(f"{key} must be a positive number, got {value!r}")
     diverged = bool(row.get("diverged", False))
     status = row.get("status") or ("diverged" if diverged else "ok")
-    if status not in ("ok", "diverged", "failed"):
-        raise ValueError(f"status must be ok, diverged or failed, got {status!r}")
+    if status not in ("ok", "diverged", "failed", "interrupted"):  # interrupted: saved, not finished
+        raise ValueError(f"status must be ok, diverged, failed or interrupted, got {status!r}")
     row["status"] = "diverged" if diverged and status == "ok" else status
     row["diverged"] = row["status"] == "diverged"
     for key in LOSS_COLUMNS:
