@@ -1,4 +1,5 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
+# Two entry points for a fresh machine: `make demo` and `make test`; `make docs` regenerates the docs'
+# example outputs and the executed notebook from the committed data.
 # torch==2.13.0 is installed first so that the hf extra's unpinned torch resolves to the
 # CPU build instead of a multi-GB CUDA build; users of the package are not pinned.
 PYTHON ?= python3
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint venv venv-test clean
+.PHONY: demo test lint docs venv venv-test clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,9 @@ demo: $(VENV)/.core
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q --timeout=900 tests
+
+docs: $(VENV)/.test
+	$(PY) docs/examples.py --notebook
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check qwenjax tests
