@@ -93,7 +93,10 @@ def main(argv=None) -> int:
     if args.check and stale:
         print(f"examples out of date in {', '.join(map(str, stale))}: run python docs/examples.py", file=sys.stderr)
         return 1
-    print(("up to date: " if not stale else "rewrote: ") + ", ".join(map(str, stale or FILES)))
+    print(
+        ("up to date: " if not stale else "rewrote: ")
+        + ", ".join(str(p) for p in stale or [f.relative_to(ROOT) for f in FILES])
+    )
     return 0
 
 
