@@ -197,3 +197,12 @@ def test_fit_outputs_checked_before_fitting(rows, tmp_path, cli, monkeypatch):
     _one_line_error(cli("fit", results, "-o", tmp_path / "FIT.json", "--plots", tmp_path / "afile" / "p"),
                     "is a file, not a directory")
     assert not (tmp_path / "FIT.json").exists()
+
+
+def test_sweep_around_a_malformed_fit_is_one_error(good, tmp_path):
+    from qwenjax.sweep.adaptive import Prior  # the sweep's `{around: FIT.json}` grids read the fit here
+
+    fit = copy.deepcopy(good[1])
+    fit["laws"]["lr"]["log_coef"] = "0.1"
+    with pytest.raises(UserError, match="FIT.json: laws.lr.log_coef must be a list"):
+        Prior(str(_write(tmp_path, fit)))
