@@ -21,7 +21,7 @@ from qwenjax.scaling.landscape import ladder_message  # noqa: E402
 from qwenjax.sweep.results import read_lines  # noqa: E402
 from qwenjax.sweep.results import row_loss as _loss  # noqa: E402
 
-#: the predicted point passes when the mean of its seeds is within this of the best grid point
+#: the predicted point passes when the mean of its seeds is within this of the best grid point's mean
 CHECK_TOLERANCE = 0.005
 
 
@@ -29,9 +29,19 @@ def _rows(path: Path) -> list[dict]:
     return list({r["run_id"]: r for r in read_lines(path)[0]}.values())  # the last line of a retried run
 
 
+def grid_means(rows: list[dict]) -> dict[tuple[float, int], float]:
+    """(lr, batch) -> mean loss over that point's seeds (inf if any seed diverged or failed)."""
+    by_point: dict[tuple[float, int], list[float]] = {}
+    for r in rows:
+        by_point.setdefault((r["lr"], r["batch_size"]), []).append(_loss(r))
+    return {p: (sum(v) / len(v) if all(map(math.isfinite, v)) else math.inf) for p, v in by_point.items()}
+
+
 def check_verdict(grid: dict[tuple[float, int], float], predicted: tuple[float, int],
                   predicted_losses: list[float], noise: float | None = None) -> tuple[bool, str]:
-    """Is the predicted point's mean loss over its seeds within CHECK_TOLERANCE of the best point of the grid?"""
+    """Is the predicted point's mean loss over its seeds within CHECK_TOLERANCE of the best point of the grid?
+
+    `grid` holds each point's mean over the same seeds as `predicted_losses` (`grid_means`)."""
     finite = {p: v for p, v in grid.items() if math.isfinite(v)}
     seeds = [v for v in predicted_losses if math.isfinite(v)]
     floor = f"; seed noise floor {noise:.2%}" if noise is not None else ""
@@ -102,7 +112,7 @@ def _plot_check_grid(out: Path, grid: dict[tuple[float, int], float], predicted:
             value = grid.get((lr, b), math.nan)
             text = f"{value:.4f}\n+{rel[i, j]:.2f}%" if math.isfinite(value) else "diverged"
             if (lr, b) == predicted:
-                text = f"{value:.4f} (seed 0)\nmean {predicted_mean:.4f}"
+                text = f"{predicted_mean:.4f}\npredicted"
             ax.text(j, i, text, ha="center", va="center", fontsize=8,
                     color="white" if np.isfinite(rel[i, j]) and rel[i, j] > np.nanmax(rel) / 2 else "black")
     pj, pi = lrs.index(predicted[0]), batches.index(predicted[1])
@@ -113,7 +123,8 @@ def _plot_check_grid(out: Path, grid: dict[tuple[float, int], float], predicted:
     ax.set_ylabel("batch (sequences)")
     floor = f", noise floor {noise:.2%}" if noise is not None else ""
     verdict = "PASSED" if ok else "MISSED"
-    ax.set_title(f"Check at the target: {verdict}\n(prediction outlined; tolerance 0.5%{floor})", fontsize=9)
+    ax.set_title(f"Check at the target: {verdict}\n(mean over seeds; prediction outlined; tolerance 0.5%{floor})",
+                 fontsize=9)
     fig.colorbar(im, ax=ax, label="% above the best grid point")
     return _save(fig, out / "plots" / "check_grid.png")
 
@@ -139,7 +150,7 @@ def write_report(out: Path, *, corpus: dict, plan, fit: dict, prediction: dict, 
                  plots: list[str], wall_s: float) -> dict[str, Any]:
     sweep_rows = _rows(sweep_results)
     main_rows = [r for path in main_results for r in _rows(path)]
-    grid = {(r["lr"], r["batch_size"]): _loss(r) for r in main_rows if r.get("seed", 0) == 0}
+    grid = grid_means(main_rows)
     predicted = (min({lr for lr, _ in grid}, key=lambda lr: abs(math.log(lr / prediction["lr"]))),
                  int(prediction["batch_size"]))
     seed_losses = [_loss(r) for r in main_rows if (r["lr"], r["batch_size"]) == predicted]
@@ -154,9 +165,9 @@ def write_report(out: Path, *, corpus: dict, plan, fit: dict, prediction: dict, 
           "Small Qwen2.5-shaped models were swept over learning rate x batch size at several model sizes N and "
           "token budgets D; power laws were fitted to the optima; the laws predicted the learning rate and "
           "batch size of a larger model trained on more tokens; that model was trained on a grid of half, "
-          "once and twice the predicted learning rate and batch size, and at the predicted point with a second "
-          "seed. The prediction passes when the mean loss of its seeds is within "
-          f"{CHECK_TOLERANCE:.1%} of the best grid point.", "",
+          "once and twice the predicted learning rate and batch size, every point with two seeds. The "
+          "prediction passes when the mean loss of its seeds is within "
+          f"{CHECK_TOLERANCE:.1%} of the best grid point's mean over the same seeds.", "",
           f"**Verdict:** {verdict}.", "",
           f"Wall time of this invocation: {wall_s / 60:.1f} min (stages already done on disk are reused).", "",
           "## Corpus and tokenizer", "",
