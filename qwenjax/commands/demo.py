@@ -9,7 +9,7 @@ _DESCRIPTION = (
     "Trains a tokenizer on a corpus (default: this Python's standard library), sweeps small "
     "models over lr x batch at several (N, D), fits the scaling laws, predicts lr and batch "
     "for a larger model trained on more tokens, trains a 3x3 grid of 0.5x / 1x / 2x the "
-    "predicted lr and batch around it (the predicted point with two seeds) and writes "
+    "predicted lr and batch around it (every point with two seeds) and writes "
     "OUT/report.md with a PASSED / MISSED verdict. "
     "Rerunning reuses finished stages."
 )
