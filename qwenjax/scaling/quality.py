@@ -214,6 +214,6 @@ def interval_warning(result: dict) -> str | None:
     parts = []
     for key in ("lr", "batch_tokens", "loss"):
         ci = result.get(f"{key}_ci")
-        if ci and span(*ci) > WIDE_SPAN:
+        if ci and None not in ci and span(*ci) > WIDE_SPAN:
             parts.append(f"{key} interval [{ci[0]}, {ci[1]}] spans more than {WIDE_SPAN:g}x")
     return "wide_prediction here: " + "; ".join(parts) if parts else None
