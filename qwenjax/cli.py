@@ -24,6 +24,12 @@ def package_version() -> str:
         return "unknown"
 
 
+def printable(text: str) -> str:
+    """One line whatever a message quotes (a path or value from the input): line breaks and other control
+    characters escaped as Python writes them."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not usage + line
         raise UserError(f"{self.prog}: {message}")
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
         args = parse_args(argv, commands)
         status = args.func(args)
     except UserError as e:
-        print(f"qwenjax: error: {e}", file=sys.stderr)
+        print(f"qwenjax: error: {printable(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or qwenjax.signals.Interrupted: a run stopped on a signal, saved
         print(f"qwenjax: {e}" if str(e) else "qwenjax: interrupted", file=sys.stderr)

@@ -364,11 +364,11 @@ def trained_share(run: PlannedRun, forks: dict[str, tuple[PlannedRun, int]]) -> 
 def describe(runs: list[PlannedRun], forks: dict[str, tuple[PlannedRun, int]] | None = None) -> dict:
     """Totals for a plan (for the dry run and the summary); with `forks`, also what training takes when the
     forks start from their parents (`tokens_with_forks`, `flops_with_forks`)."""
-    out = {"runs": len(runs), "flops": float(sum(r.flops for r in runs)),
-           "tokens": float(sum(r.tokens_trained for r in runs)),
+    out = {"runs": len(runs), "flops": sum(float(r.flops) for r in runs),  # floats: absurd sizes give inf
+           "tokens": sum(float(r.tokens_trained) for r in runs),
            "cells": len({r.cell for r in runs}), "shapes": len({r.shape_key for r in runs})}
     if forks is not None:
         out.update(forks=len(forks),
-                   tokens_with_forks=float(sum(r.tokens_trained * trained_share(r, forks) for r in runs)),
-                   flops_with_forks=float(sum(r.flops * trained_share(r, forks) for r in runs)))
+                   tokens_with_forks=sum(float(r.tokens_trained) * trained_share(r, forks) for r in runs),
+                   flops_with_forks=sum(float(r.flops) * trained_share(r, forks) for r in runs))
     return out

@@ -109,12 +109,19 @@ def _number(value, where: str, *, integer: bool = False) -> float:
     """A positive finite number; strings like '2M' or '1.5e9' are accepted for counts."""
     if isinstance(value, str) and not integer:
         return parse_count(value, where)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 \
+            or (isinstance(value, float) and not math.isfinite(value)):  # isfinite(int) overflows on 10**400
         raise UserError(f"{where} must be a positive number, got {value!r}")
     if integer and (isinstance(value, float) and not value.is_integer()):
         raise UserError(f"{where} must be a positive integer, got {value!r}")
     return int(value) if integer else float(value)
+
+
+#: Bounds that keep a typo from planning forever: grid points per axis, lattice density, token budgets (a
+#: thousand times today's largest pretraining runs).
+MAX_GRID_POINTS = 1000
+MAX_PER_OCTAVE = 64
+MAX_TOKENS = 1e18
 
 
 def lattice(lo: float, hi: float, per_octave: int) -> list[float]:
@@ -122,6 +129,13 @@ def lattice(lo: float, hi: float, per_octave: int) -> list[float]:
     k_lo = math.ceil(math.log2(lo) * per_octave - 1e-6)
     k_hi = math.floor(math.log2(hi) * per_octave + 1e-6)
     return [2.0 ** (k / per_octave) for k in range(k_lo, k_hi + 1)]
+
+
+def _per_octave(value, key: str) -> int:
+    per = _number(value, f"{key}.per_octave", integer=True)
+    if per > MAX_PER_OCTAVE:
+        raise UserError(f"{key}.per_octave must be at most {MAX_PER_OCTAVE}, got {per}")
+    return per
 
 
 def _grid(value, key: str, *, integer: bool) -> Grid:
@@ -140,9 +154,9 @@ def _grid(value, key: str, *, integer: bool) -> Grid:
         if not isinstance(source, str) or not source.strip():
             raise UserError(f"{key}.around must be 'prior' or the path of a FIT.json, got {source!r}")
         span = value.get("span_octaves", 1.0 if integer else 2.0)
-        if isinstance(span, bool) or not isinstance(span, (int, float)) or span < 0:
-            raise UserError(f"{key}.span_octaves must be a number >= 0, got {span!r}")
-        per = _number(value.get("per_octave", 1 if integer else 2), f"{key}.per_octave", integer=True)
+        if isinstance(span, bool) or not isinstance(span, (int, float)) or not 0 <= span <= 64:
+            raise UserError(f"{key}.span_octaves must be a number from 0 to 64, got {span!r}")
+        per = _per_octave(value.get("per_octave", 1 if integer else 2), key)
         return Grid("around", source=source.strip(), span_octaves=float(span), per_octave=per)
     if integer:
         raise UserError(f"{key} must be a list of integers or {{around: prior | FIT.json}}, got {value!r}")
@@ -151,9 +165,12 @@ def _grid(value, key: str, *, integer: bool) -> Grid:
         if k not in value:
             raise UserError(f"{key}: a range needs both min and max (missing {k})")
     lo, hi = _number(value["min"], f"{key}.min"), _number(value["max"], f"{key}.max")
-    per = _number(value.get("per_octave", 2), f"{key}.per_octave", integer=True)
+    per = _per_octave(value.get("per_octave", 2), key)
     if lo > hi:
         raise UserError(f"{key}: min ({lo:g}) is larger than max ({hi:g})")
+    if (math.log2(hi) - math.log2(lo)) * per > MAX_GRID_POINTS:
+        raise UserError(f"{key}: min {lo:g} to max {hi:g} at {per} per octave is more than {MAX_GRID_POINTS} "
+                        f"points; narrow the range")
     values = lattice(lo, hi, per)
     if not values:
         raise UserError(f"{key}: empty grid (no 2^(k/{per}) value lies between {lo:g} and {hi:g})")
@@ -316,6 +333,8 @@ def parse_spec(tree: Mapping, path: Path | None = None) -> SweepSpec:
     if not tokens:
         raise UserError("tokens: empty grid (give at least one token budget)")
     tokens = sorted({_number(t, f"tokens[{i}]") for i, t in enumerate(tokens)})
+    if tokens[-1] > MAX_TOKENS:
+        raise UserError(f"tokens: {tokens[-1]:g} is more than {MAX_TOKENS:g} tokens per run")
 
     for key in ("lr", "batch_size"):
         if key not in tree:
@@ -406,7 +425,7 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
         raise UserError(f"sweep spec not found: {p}")
     try:
         tree = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"sweep spec {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if tree is None:
         raise UserError(f"sweep spec {p} is empty")
