@@ -61,6 +61,8 @@ def test_kill_9_then_rerun_is_bitwise_identical(tiny_config, tiny_data, tmp_path
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     resumed = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert re.search(r"resuming .* from step (5|10|15)\b", rerun.stderr), rerun.stderr[-2000:]
+    assert "taking over the stale lock of pid" in rerun.stderr  # the killed run's .lock, its holder dead
+    assert not (killed / ".lock").exists()
 
     reference = train(load_config(TINY, tiny_overrides(cache, tmp_path / "reference", *COMMON)))
     losses = {r["step"]: r["loss"] for r in read_metrics(killed / "metrics.jsonl")}
