@@ -6,7 +6,9 @@ Preemption (a TPU VM or a shared GPU node being taken back) arrives as SIGTERM, 
 handlers come back after), and only in the main thread (Python delivers signals there alone). Contexts nest:
 a sweep worker holds one for its lifetime and each run it trains holds one too; they share the flag. The
 caller finishes its step, saves, and raises `Interrupted`, whose exit status is the shell's for that signal
-(128 + signum: 143 for SIGTERM, 130 for SIGINT). Standard library only: the sweep driver imports it without
+(128 + signum: 143 for SIGTERM, 130 for SIGINT). A context given `immediate=MESSAGE` raises at once instead,
+except inside `deferred()`: a run stops its data preparation or compilation at once (there is nothing to
+save yet) and only its steps wait for the flag. Standard library only: the sweep driver imports it without
 JAX.
 """
 
@@ -21,6 +23,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _requested: int | None = None
 _depth = 0
+_immediate: str | None = None  # the message to raise Interrupted with at once; None: only record the signal
 
 
 class Interrupted(KeyboardInterrupt):
@@ -52,11 +55,29 @@ def _handler(signum, frame) -> None:
     global _requested
     if _requested is None:  # a repeat (a forwarded copy, a second Ctrl-C) must not cut the save short
         _requested = signum
+        if _immediate is not None:
+            raise Interrupted(signum, _immediate.format(signal=signal_name(signum)))
 
 
 @contextlib.contextmanager
-def stop_signals() -> Iterator[None]:
-    """Record SIGTERM/SIGINT instead of dying (read them with `requested()`) until the block ends. Outside the
+def _mode(immediate: str | None) -> Iterator[None]:
+    global _immediate
+    saved, _immediate = _immediate, immediate
+    try:
+        yield
+    finally:
+        _immediate = saved
+
+
+def deferred() -> contextlib.AbstractContextManager:
+    """Inside a `stop_signals(immediate=...)` block: only record signals (the loop reads `requested()`)."""
+    return _mode(None)
+
+
+@contextlib.contextmanager
+def stop_signals(immediate: str | None = None) -> Iterator[None]:
+    """Record SIGTERM/SIGINT instead of dying (read them with `requested()`) until the block ends, or with
+    `immediate` raise `Interrupted(signum, immediate.format(signal=NAME))` (outside `deferred()`). Outside the
     main thread it installs nothing and `requested()` stays None."""
     global _requested, _depth
     if threading.current_thread() is not threading.main_thread():
@@ -67,7 +88,8 @@ def stop_signals() -> Iterator[None]:
     previous = {s: signal.signal(s, _handler) for s in SIGNALS}
     _depth += 1
     try:
-        yield
+        with _mode(immediate):
+            yield
     finally:
         _depth -= 1
         for s, h in previous.items():

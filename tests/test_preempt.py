@@ -20,6 +20,7 @@ import pytest
 from conftest import TINY, subprocess_env, tiny_overrides
 from test_resume import _final_state
 
+from qwenjax import signals
 from qwenjax.run_config import load_config, model_config
 from qwenjax.sweep import SweepOptions, run_sweep
 from qwenjax.sweep.results import read_lines
@@ -48,6 +49,20 @@ def interrupt(proc: subprocess.Popen, signum: int) -> tuple[int, str]:
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
+
+
+def test_handlers_record_or_raise_and_are_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(signals.Interrupted) as e, signals.stop_signals(immediate="stopped ({signal})"):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler runs between bytecodes
+    assert (str(e.value), e.value.exit_code) == ("stopped (SIGINT)", 130)
+    with signals.stop_signals(immediate="stopped ({signal})"), signals.deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # a repeat is ignored
+        time.sleep(0.1)
+        assert signals.requested() == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 @pytest.fixture(scope="module")

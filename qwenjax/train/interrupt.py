@@ -49,9 +49,18 @@ def run_dir_lock(run_dir: Path, is_main: bool) -> Iterator[None]:
         lock.release()
 
 
+NOTHING_SAVED = "interrupted ({signal}) before or after the training steps; nothing new was saved"
+
+
+def steps() -> contextlib.AbstractContextManager:
+    """The training steps and the save after them: a signal waits for the end of the step."""
+    return signals.deferred()
+
+
 @contextlib.contextmanager
 def stop_check() -> Iterator[Callable[[int], int | None]]:
-    """`should_stop(step) -> signum or None`, for the block: see the module docstring."""
+    """`should_stop(step) -> signum or None`, for the block (see the module docstring). Outside `steps()` a
+    signal stops the run at once: data preparation and compilation have nothing to save."""
     if jax.process_count() > 1:
         def synced(step: int) -> int | None:
             try:
@@ -61,7 +70,7 @@ def stop_check() -> Iterator[Callable[[int], int | None]]:
 
         yield synced
         return
-    with signals.stop_signals():
+    with signals.stop_signals(immediate=NOTHING_SAVED):
         yield lambda step: signals.requested()
 
 

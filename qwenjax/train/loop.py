@@ -40,7 +40,7 @@ from qwenjax.run_config import RunConfig, missing_keys, save_config
 from qwenjax.train import metrics as qmetrics
 from qwenjax.train import sharding
 from qwenjax.train.checkpoint import Checkpointer, abstract_with_shardings
-from qwenjax.train.interrupt import interrupted, run_dir_lock, stop_check
+from qwenjax.train.interrupt import interrupted, run_dir_lock, steps, stop_check
 from qwenjax.train.run_dir import (
     finished_summary,
     fork_steps,
@@ -359,8 +359,9 @@ def _train(cfg: RunConfig, run_dir: Path, forks_at: dict, should_stop: Callable,
             save()
 
     try:
-        signum = run_steps(setup, stepper, [member], progress, forks_at=forks_at, handover=handover,
-                           after_log=after_log, should_stop=should_stop)
+        with steps():
+            signum = run_steps(setup, stepper, [member], progress, forks_at=forks_at, handover=handover,
+                               after_log=after_log, should_stop=should_stop)
         if signum is not None:  # stopped before train.steps: save the state of this very step, completely
             already = saved_step == progress.step
             if ckpt is not None and progress.step > 0 and not already:
@@ -417,7 +418,8 @@ def _train_population(cfgs: list[RunConfig], strategy: str, should_stop: Callabl
     members = [Member(c, _member_logger(c), []) for c in cfgs]
     progress = Progress(0)
     try:
-        signum = run_steps(setup, stepper, members, progress, should_stop=should_stop)
+        with steps():
+            signum = run_steps(setup, stepper, members, progress, should_stop=should_stop)
     finally:
         _close(setup, [m.logger for m in members])
     if signum is not None:
