@@ -4,9 +4,10 @@ and `predict` with mutated configs, sweep specs, results lines and FIT.json file
 Each example starts from a valid input, mutates it (wrong types, unknown keys, negative, huge and non-finite
 numbers, missing sections, non-mapping documents, binary junk, truncated files) and calls `qwenjax.cli.main`
 in-process. Every outcome must be exit 0 or 2 (an uncaught exception fails the test with the input that
-raised it), a failure must be exactly one `qwenjax: error:` line on stderr, and the input files must be
-unchanged. Nothing trains: `train` runs with `--print-config` or with `qwenjax.train.train` replaced by a
-stub (the checks before training are what is fuzzed), and `sweep` runs with `--dry-run --no-probe`.
+raised it), a failure must be exactly one `qwenjax: error:` line on stderr (after any `qwenjax: warning:`
+lines about the input, e.g. skipped results lines), and the input files must be unchanged. Nothing trains:
+`train` runs with `--print-config` or with `qwenjax.train.train` replaced by a stub (the checks before
+training are what is fuzzed), and `sweep` runs with `--dry-run --no-probe`.
 Derandomized, so CI sees the same examples every time.
 """
 
@@ -54,6 +55,13 @@ def _spec_tree() -> dict:
             "tokens": [16384], "lr": [1e-3, 4e-3], "batch_size": [4, 8], "overrides": {"train.seq_len": 64}}
 
 
+def _shipped_spec(name: str) -> dict:
+    tree = yaml.safe_load((ROOT / "sweeps" / f"{name}.yaml").read_text())
+    tree["base"] = str((ROOT / "sweeps" / tree["base"]).resolve())
+    return tree
+
+
+SPECS = [_spec_tree(), *(_shipped_spec(n) for n in ("tiny", "cpu-ladder", "gpu-ladder", "tpu-v5e-ladder"))]
 RESULTS = [json.loads(line) for line in (ROOT / "sweeps" / "results" / "cpu-ladder.jsonl").read_text().splitlines()
            if line.strip()][::4]
 
@@ -195,15 +203,17 @@ class _Example:
 
 
 def check(capsys, example: _Example, argv: list[str]) -> int:
-    """Run the command: exit 0 or 2, a failure is one `qwenjax: error:` line, the inputs stay unchanged."""
+    """Run the command: exit 0 or 2, a failure is one `qwenjax: error:` line (warnings may precede it), the
+    inputs stay unchanged."""
     before = _digest(example.inputs)
     capsys.readouterr()
     status = main(argv)  # an uncaught exception fails the test here, with the example that raised it
     _, err = capsys.readouterr()
     assert status in (0, 2), f"exit {status}: {argv}\n{err}"
     if status == 2:
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("qwenjax: error: "), f"{argv}\n{err}"
+        *warnings, last = err.strip().splitlines() or [""]
+        assert last.startswith("qwenjax: error: "), f"{argv}\n{err}"
+        assert all(line.startswith("qwenjax: warning: ") for line in warnings), f"{argv}\n{err}"
     assert _digest(example.inputs) == before, f"inputs changed by {argv}"
     return status
 
@@ -240,29 +250,40 @@ def test_train_never_raises(capsys, workdir, fit_tree, config, fit, fit_doc, ove
 
 
 @settings(max_examples=90 * SCALE, **SETTINGS)
-@given(spec=document(_spec_tree(), _yaml), devices=st.sampled_from([None, 1, 2, 3]))
-def test_sweep_dry_run_never_raises(capsys, workdir, spec, devices):
+@given(spec=st.sampled_from(SPECS).flatmap(lambda base: document(base, _yaml)),
+       devices=st.sampled_from([None, 1, 2, 3]), workers=st.sampled_from([[], ["--workers=0"], ["--workers=2"]]))
+def test_sweep_dry_run_never_raises(capsys, workdir, spec, devices, workers):
     ex = _Example(workdir, {"spec.yaml": spec})
     env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"} if devices else {}
     with mock.patch.dict(os.environ, env), mock.patch("qwenjax.train.train", _no_training):
         check(capsys, ex, ["sweep", ex.path("spec.yaml"), "--out", str(ex.out / "sweep"), "--dry-run",
-                           "--no-probe"])
+                           "--no-probe", *workers])
+
+
+FIT_OPTIONS = st.lists(st.sampled_from([
+    "--tolerance=0", "--tolerance=-1", "--tolerance=nan", "--tolerance=0.05", "--holdout=largest",
+    "--holdout=N>=5e4", "--holdout=D>=abc", "--holdout=N>=-1", "--holdout=", "--batch-law=D",
+    "--loss-column=final_loss", "--strict", "--method=prior", '--prior={"beta": 0.3}', "--prior={", "--prior=[1]",
+    '--prior={"sd": {"beta": -1}}', "--bootstrap=-1", "--bootstrap=0", "--seed=-5"]), max_size=3, unique=True)
 
 
 @settings(max_examples=60 * SCALE, **SETTINGS)
-@given(results=results_file(), method=st.sampled_from(["smooth", "nearopt", "surface"]))
-def test_fit_never_raises(capsys, workdir, results, method):
+@given(results=results_file(), method=st.sampled_from(["smooth", "nearopt", "surface"]), options=FIT_OPTIONS)
+def test_fit_never_raises(capsys, workdir, results, method, options):
     ex = _Example(workdir, {"results.jsonl": results})
     check(capsys, ex, ["fit", ex.path("results.jsonl"), "-o", str(ex.out / "FIT.json"), "--bootstrap", "8",
-                       "--no-loss-law", "--method", method])
+                       "--no-loss-law", "--method", method, *options])
 
 
 SIZES = st.sampled_from(["1e6", "494M", "7B", "0", "-5", "nan", "inf", "1e400", "abc", "18T", ""])
 
 
 @settings(max_examples=90 * SCALE, **SETTINGS)
-@given(fit=st.data(), params=SIZES, tokens=SIZES, preset=st.booleans())
-def test_predict_never_raises(capsys, workdir, fit_tree, fit, params, tokens, preset):
+@given(fit=st.data(), params=SIZES, tokens=SIZES, preset=st.sampled_from([None, "qwen2.5-0.5b", "qwen9"]),
+       options=st.lists(st.sampled_from(["--seq-len=0", "--seq-len=-1", "--seq-len=1099511627776",
+                                         "--multiple-of=0", "--multiple-of=-3", "--multiple-of=8", "--force"]),
+                        max_size=2, unique=True))
+def test_predict_never_raises(capsys, workdir, fit_tree, fit, params, tokens, preset, options):
     ex = _Example(workdir, {"FIT.json": fit.draw(document(fit_tree, _json))})
-    size = ["--preset", "qwen2.5-0.5b"] if preset else [f"--params={params}"]
-    check(capsys, ex, ["predict", ex.path("FIT.json"), *size, f"--tokens={tokens}"])
+    size = ["--preset", preset] if preset else [f"--params={params}"]
+    check(capsys, ex, ["predict", ex.path("FIT.json"), *size, f"--tokens={tokens}", *options])

@@ -120,6 +120,8 @@ def run(args) -> int:
     from qwenjax.scaling.quality import format_flags
     from qwenjax.scaling.results import skipped_message
 
+    if args.seed < 0:  # numpy's generators take no negative seed
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
     check_output(args.output, "-o")  # before the fit: a bad output path must not cost its minutes
     if args.plots:
         check_output(args.plots, "--plots", directory=True)

@@ -122,6 +122,7 @@ def _number(value, where: str, *, integer: bool = False) -> float:
 MAX_GRID_POINTS = 1000
 MAX_PER_OCTAVE = 64
 MAX_TOKENS = 1e18
+MAX_PARAMS = 1e15
 
 
 def lattice(lo: float, hi: float, per_octave: int) -> list[float]:
@@ -255,6 +256,8 @@ def ladder_shape(target: float, head_dim: int | None = None) -> dict:
             # head_dim divides hidden, so hidden // heads == head_dim: the config needs no explicit head_dim
             best = (score, dict(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
                                 num_attention_heads=heads, num_key_value_heads=kv))
+    if best is None:
+        raise UserError(f"ladder: no width up to 16384 fits head_dim {head_dim} with Qwen2.5's head counts")
     return best[1]
 
 
@@ -276,6 +279,8 @@ def ladder_models(ladder: Mapping) -> list[dict]:
     models = []
     for i, size in enumerate(sizes):
         target = _number(size, f"ladder.sizes[{i}]")
+        if target > MAX_PARAMS:
+            raise UserError(f"ladder.sizes[{i}]: {target:g} is more than {MAX_PARAMS:g} parameters")
         models.append({**ladder_shape(target, head_dim), **extra})
     return models
 
