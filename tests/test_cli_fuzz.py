@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 hypothesis = pytest.importorskip("hypothesis")  # the `test` extra installs it
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from qwenjax.cli import main  # noqa: E402
@@ -232,7 +232,8 @@ OVERRIDES = st.lists(st.sampled_from(["train.steps=-1", "train.steps=abc", "trai
                      max_size=2)
 
 
-@settings(max_examples=110 * SCALE, **SETTINGS)
+@settings(max_examples=200 * SCALE, **SETTINGS)
+@example(config=b"\x9e\x00", fit=None, fit_doc=None, overrides=[], print_config=True)  # not UTF-8
 @given(config=document(_config_tree(), _yaml), fit=st.none() | st.just("valid") | st.just("mutated"),
        fit_doc=st.data(), overrides=OVERRIDES, print_config=st.booleans())
 def test_train_never_raises(capsys, workdir, fit_tree, config, fit, fit_doc, overrides, print_config):
@@ -249,7 +250,11 @@ def test_train_never_raises(capsys, workdir, fit_tree, config, fit, fit_doc, ove
         check(capsys, ex, argv)
 
 
-@settings(max_examples=90 * SCALE, **SETTINGS)
+@settings(max_examples=200 * SCALE, **SETTINGS)
+@example(spec=b"\xd9", devices=None, workers=[])  # not UTF-8
+@example(spec=_yaml({**_spec_tree(), "base": "\x1e0"}), devices=None, workers=[])  # a line break in the error
+@example(spec=_yaml({**_spec_tree(), "tokens": [1e308]}), devices=None, workers=[])  # overflowed the totals
+@example(spec=_yaml({**_spec_tree(), "batch_size": [3]}), devices=2, workers=[])  # batch vs devices
 @given(spec=st.sampled_from(SPECS).flatmap(lambda base: document(base, _yaml)),
        devices=st.sampled_from([None, 1, 2, 3]), workers=st.sampled_from([[], ["--workers=0"], ["--workers=2"]]))
 def test_sweep_dry_run_never_raises(capsys, workdir, spec, devices, workers):
@@ -267,7 +272,7 @@ FIT_OPTIONS = st.lists(st.sampled_from([
     '--prior={"sd": {"beta": -1}}', "--bootstrap=-1", "--bootstrap=0", "--seed=-5"]), max_size=3, unique=True)
 
 
-@settings(max_examples=60 * SCALE, **SETTINGS)
+@settings(max_examples=150 * SCALE, **SETTINGS)
 @given(results=results_file(), method=st.sampled_from(["smooth", "nearopt", "surface"]), options=FIT_OPTIONS)
 def test_fit_never_raises(capsys, workdir, results, method, options):
     ex = _Example(workdir, {"results.jsonl": results})
@@ -278,7 +283,7 @@ def test_fit_never_raises(capsys, workdir, results, method, options):
 SIZES = st.sampled_from(["1e6", "494M", "7B", "0", "-5", "nan", "inf", "1e400", "abc", "18T", ""])
 
 
-@settings(max_examples=90 * SCALE, **SETTINGS)
+@settings(max_examples=200 * SCALE, **SETTINGS)
 @given(fit=st.data(), params=SIZES, tokens=SIZES, preset=st.sampled_from([None, "qwen2.5-0.5b", "qwen9"]),
        options=st.lists(st.sampled_from(["--seq-len=0", "--seq-len=-1", "--seq-len=1099511627776",
                                          "--multiple-of=0", "--multiple-of=-3", "--multiple-of=8", "--force"]),
