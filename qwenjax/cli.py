@@ -68,8 +68,6 @@ def main(argv: list[str] | None = None, commands=COMMANDS) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C, or qwenjax.signals.Interrupted: a run stopped on a signal, saved
         print(f"qwenjax: {e}" if str(e) else "qwenjax: interrupted", file=sys.stderr)
         return getattr(e, "exit_code", 130)
-    except SystemExit as e:  # --help, --version: a status to return, so in-process callers get one too
-        return e.code if isinstance(e.code, int) else int(e.code is not None)
     return int(status or 0)
 
 
