@@ -222,6 +222,8 @@ def _yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, st
         raise UserError(f"config {path}: circular base chain")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"config {path} is not UTF-8 text (a binary file?)") from None
     except yaml.YAMLError as e:
         raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(tree, dict):

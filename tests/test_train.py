@@ -169,7 +169,8 @@ def test_hparams_from_fit(tiny_config, tiny_data, tmp_path, monkeypatch):
         return {"lr": 2e-3, "lr_ci": [1e-3, 4e-3], "batch_tokens": 32 * 64, "batch_tokens_ci": [1000, 4000],
                 "batch_size": 32, "seq_len": seq_len, "n_params": n_params, "tokens": tokens}
 
-    monkeypatch.setattr(scaling, "load_fit", lambda path: {"format": "fake"})
+    fake_fit = {"format": "fake", "quality": {"status": "ok", "laws": {}, "flags": []}}
+    monkeypatch.setattr(scaling, "load_fit", lambda path: fake_fit)
     monkeypatch.setattr(scaling, "predict", fake_predict)
     fit = tmp_path / "FIT.json"
     fit.write_text("{}")
