@@ -91,3 +91,18 @@ def test_kill_9_then_rerun_is_bitwise_identical(tiny_config, tiny_data, tmp_path
     assert summary["steps_completed"] == 25
     steps = [r["step"] for r in read_metrics(killed / "metrics.jsonl")]
     assert steps == sorted(set(steps)) and steps[-3:] == [15, 20, 25]  # resumed at 15: no duplicates
+
+    # No checkpoint restores: one line that names the folder and each step's reason (no object reprs).
+    for step_dir in (killed / "ckpt").iterdir():
+        if step_dir.name.isdigit():
+            for f in (step_dir / "state").rglob("*"):
+                if f.is_file():
+                    f.write_bytes(b"garbage")
+    from qwenjax.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        train(load_config(TINY, tiny_overrides(cache, killed, *COMMON, "train.steps=30")))
+    message = str(err.value)
+    assert "\n" not in message and f"move {killed / 'ckpt'} away" in message
+    assert "no checkpoint in" in message and "step 25:" in message
+    assert "bound method" not in message and "object at 0x" not in message

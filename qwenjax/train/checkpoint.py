@@ -10,6 +10,7 @@ A checkpoint that fails to restore is reported and the previous one is tried.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,14 @@ from jax.experimental import multihost_utils
 from qwenjax.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+def _reason(e: BaseException) -> str:
+    """`Type: first line` of a restore failure, without the object reprs some Orbax/tensorstore errors carry
+    instead of a message (`<bound method ...>`, `<... object at 0x...>`)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    first = re.sub(r"<[^<>]*(bound method|object at 0x|function )[^<>]*>", "", first).strip(" :;,")
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
 
 class Checkpointer:
@@ -56,17 +65,17 @@ class Checkpointer:
                 restored = self.manager.restore(s, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
             except Exception as e:  # corrupt or incompatible files: report and fall back to an older one
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                log.warning("checkpoint %s/%d could not be restored (%s: %s); trying the previous one",
-                            self.directory, s, type(e).__name__, first)
-                errors.append(f"step {s}: {type(e).__name__}: {first}")
+                reason = _reason(e)
+                log.warning("checkpoint %s/%d could not be restored (%s); trying the previous one",
+                            self.directory, s, reason)
+                errors.append(f"step {s}: {reason}")
                 continue
             if s != steps[0]:
                 self._set_aside([t for t in steps if t > s])
             return s, restored["state"], dict(restored["meta"])
         if errors:
             raise UserError(f"no checkpoint in {self.directory} could be restored ({'; '.join(errors)}); "
-                            "move that folder away to start the run afresh")
+                            f"move {self.directory} away (or delete it) to start the run afresh")
         return None
 
     def restore_meta(self, step: int) -> dict[str, Any]:
