@@ -12,7 +12,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-from qwenjax.errors import UserError, did_you_mean
+from qwenjax.errors import UserError, did_you_mean, read_document
 
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "yarn", "linear")
@@ -177,12 +177,8 @@ def load_hf_config(path) -> ModelConfig:
     p = pathlib.Path(path)
     if p.is_dir():
         p = p / "config.json"
-    if not p.is_file():
-        raise UserError(f"no config.json at {p}")
-    try:
-        d = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"malformed config.json at {p}: {e}") from None
+    d = read_document(p, json.loads, (json.JSONDecodeError,), missing="no config.json at {path}",
+                      malformed="malformed config.json at {path}: {reason}")
     if not isinstance(d, dict):
         raise UserError(f"malformed config.json at {p}: expected a JSON object")
     return ModelConfig.from_hf_dict(d)

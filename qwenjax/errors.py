@@ -9,7 +9,9 @@ hints and its one-line failures the same way.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 
 class UserError(ValueError):
@@ -31,3 +33,19 @@ def one_line(e: BaseException) -> str:
     """`Type: first line of the message` (at most 500 characters): an exception as a result field or log line."""
     text = f"{type(e).__name__}: {e}".strip()
     return text.splitlines()[0][:500] if text else type(e).__name__
+
+
+def read_document(path, loads: Callable[[str], Any], bad: tuple[type[BaseException], ...], *, missing: str,
+                  malformed: str) -> Any:
+    """`loads` of the text file `path`, with one UserError line for each way it can fail: `missing` when it is
+    not a file, `malformed` (given the path and the parser's first line) when it is binary or does not parse.
+    `missing` and `malformed` are format strings with `{path}` (and `{reason}`)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(missing.format(path=p))
+    try:
+        return loads(p.read_text())
+    except UnicodeDecodeError:
+        raise UserError(malformed.format(path=p, reason="not UTF-8 text (a binary file?)")) from None
+    except bad as e:
+        raise UserError(malformed.format(path=p, reason=(str(e).strip().splitlines() or [""])[0])) from None

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from qwenjax.config import ModelConfig, preset
-from qwenjax.errors import UserError, did_you_mean
+from qwenjax.errors import UserError, did_you_mean, read_document
 from qwenjax.jsonl import atomic_write_text  # re-exported: callers import it from here too
 from qwenjax.run_sections import (
     DECAY_SHAPES,
@@ -216,16 +216,10 @@ def _user_error(e: OmegaConfBaseException, where: str) -> UserError:
 def _yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
     """The YAML and its `base:` chain, base first: (tree, " in <file>") per file, each checked key by key."""
     path = path.expanduser()
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise UserError(f"config {path}: circular base chain")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except UnicodeDecodeError:
-        raise UserError(f"config {path} is not UTF-8 text (a binary file?)") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    tree = read_document(path, yaml.safe_load, (yaml.YAMLError,), missing="config file not found: {path}",
+                         malformed="config {path} is not valid YAML: {reason}") or {}
     if not isinstance(tree, dict):
         raise UserError(f"config {path} must be a mapping of keys, got {type(tree).__name__}")
     base = tree.pop("base", None)

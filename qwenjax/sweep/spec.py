@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from qwenjax.errors import UserError, did_you_mean
+from qwenjax.errors import UserError, did_you_mean, read_document
 from qwenjax.run_sections import ModelSection
 from qwenjax.scaling.units import parse_count
 
@@ -426,12 +426,8 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict:
 def load_spec(path: str | os.PathLike) -> SweepSpec:
     """Read and validate a sweep spec YAML."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"sweep spec not found: {p}")
-    try:
-        tree = yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"sweep spec {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    tree = read_document(p, yaml.safe_load, (yaml.YAMLError,), missing="sweep spec not found: {path}",
+                         malformed="sweep spec {path} is not valid YAML: {reason}")
     if tree is None:
         raise UserError(f"sweep spec {p} is empty")
     return parse_spec(tree, p)
