@@ -16,6 +16,10 @@ from qwenjax.errors import UserError, did_you_mean, read_document
 
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "yarn", "linear")
+#: `model.scan_layers: null` scans the layers from this depth on (docs/benchmarks.md, "Layers under scan")
+SCAN_MIN_LAYERS = 8
+#: fields that say how to run the model, not what it is: never written to HF's config.json or model_config.json
+RUNTIME_FIELDS = ("scan_layers", "remat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +44,9 @@ class ModelConfig:
     initializer_range: float = 0.02  # std of the normal init of every matrix, as HF
     dtype: str = "float32"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"  # storage dtype of the parameters (float32 master weights for training)
+    # Runtime layout and memory choices (RUNTIME_FIELDS), not part of the checkpoint:
+    scan_layers: bool | None = None  # layers stacked on a leading axis under lax.scan; None: from SCAN_MIN_LAYERS
+    remat: str = "none"  # the layer body's jax.checkpoint policy (set from train.remat, validated there)
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, Mapping):
@@ -74,6 +81,12 @@ class ModelConfig:
                 raise UserError(f"model.{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
         if self.use_sliding_window and (not self.sliding_window or self.sliding_window <= 0):
             raise UserError("model.sliding_window must be a positive integer when use_sliding_window is true")
+        if self.scan_layers not in (None, True, False):
+            raise UserError(f"model.scan_layers must be true, false or null, got {self.scan_layers!r}")
+        if self.scan_layers and not self.uniform_layers:
+            raise UserError(f"model.scan_layers: true needs every layer alike, but only layers >= "
+                            f"max_window_layers ({self.max_window_layers}) use the sliding window; "
+                            "set model.scan_layers: false")
         scaling = self.rope_scaling_dict
         if scaling:
             kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -96,13 +109,26 @@ class ModelConfig:
         """HF's rule: with the window enabled, layers at index >= max_window_layers use it."""
         return bool(self.use_sliding_window) and layer >= self.max_window_layers
 
+    @property
+    def uniform_layers(self) -> bool:
+        """Whether every layer has the same attention window (what running them under one scan needs)."""
+        return len({self.uses_sliding_window(i) for i in (0, self.num_hidden_layers - 1)}) == 1
+
+    @property
+    def scanned(self) -> bool:
+        """The parameter layout: layers stacked on a leading axis and run under lax.scan, or a dict by index."""
+        if self.scan_layers is not None:
+            return self.scan_layers
+        return self.num_hidden_layers >= SCAN_MIN_LAYERS and self.uniform_layers
+
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # Hugging Face config.json -------------------------------------------------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d.pop("dtype"), d.pop("param_dtype")
+        for name in ("dtype", "param_dtype", *RUNTIME_FIELDS):
+            d.pop(name)
         d["rope_scaling"] = self.rope_scaling_dict
         d["head_dim"] = self.resolved_head_dim
         d.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu", attention_dropout=0.0,
@@ -117,7 +143,7 @@ class ModelConfig:
             raise UserError(f"unsupported model_type {model_type!r}: qwenjax loads Qwen2/Qwen2.5 ('qwen2') checkpoints")
         if d.get("hidden_act", "silu") != "silu":
             raise UserError(f"unsupported hidden_act {d['hidden_act']!r}: Qwen2 uses 'silu'")
-        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", *RUNTIME_FIELDS}
         kwargs = {k: v for k, v in d.items() if k in names}
         rope = d.get("rope_parameters")  # the newest HF layout keeps theta and scaling together
         if isinstance(rope, Mapping):

@@ -29,7 +29,7 @@ from safetensors import safe_open
 
 from qwenjax.config import ModelConfig, load_hf_config
 from qwenjax.errors import UserError
-from qwenjax.model import Params, abstract_params
+from qwenjax.model import Params, abstract_params, stack_layers, unstack_layers
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -193,8 +193,8 @@ def _resolve_dtype(dtype, directory: Path) -> str | None:
     return name
 
 
-def load_hf(path: str | os.PathLike, *, dtype=None,
-            shardings: Shardings | None = None) -> tuple[ModelConfig, Params]:
+def load_hf(path: str | os.PathLike, *, dtype=None, shardings: Shardings | None = None,
+            scan_layers: bool | None = None) -> tuple[ModelConfig, Params]:
     """Load a HF Qwen2 checkpoint directory into (ModelConfig, params).
 
     `dtype`: None keeps `ModelConfig`'s defaults (float32 params and compute); "bfloat16"/"float16"/"float32"
@@ -202,6 +202,9 @@ def load_hf(path: str | os.PathLike, *, dtype=None,
     `shardings`: a pytree like the params of `jax.sharding.Sharding`, or a callable taking a param path
     (tuple of strings, as `qwenjax.model.param_paths`) and returning one; each tensor is placed as soon as it
     is read. Without it, arrays go to the default device.
+    The params come in `config.scanned`'s layout (`scan_layers` overrides the depth rule): a scanned config's
+    layers are read per layer (a callable `shardings` sees per-layer paths), then stacked (a pytree
+    `shardings` is then applied to the stack).
     """
     directory = Path(path).expanduser()
     if not directory.is_dir():
@@ -210,7 +213,11 @@ def load_hf(path: str | os.PathLike, *, dtype=None,
     dtype = _resolve_dtype(dtype, directory)
     if dtype is not None:
         config = config.replace(dtype=dtype, param_dtype=dtype)
-    expected = abstract_params(config)
+    if scan_layers is not None:
+        config = config.replace(scan_layers=scan_layers)
+    expected = abstract_params(config.replace(scan_layers=False))  # the files' layout: one tensor per layer
+    stack_shardings = shardings if config.scanned and isinstance(shardings, Mapping) else None
+    shardings = None if stack_shardings is not None else shardings
     where = _checkpoint_files(directory)
     wanted = tensor_map(config)
     known = {name for name, _, _ in wanted} | {"lm_head.weight"}
@@ -243,6 +250,10 @@ def load_hf(path: str | os.PathLike, *, dtype=None,
     finally:
         for st in open_files.values():
             st.close()
+    if config.scanned:
+        params = stack_layers(params)
+        if stack_shardings is not None:
+            params = jax.device_put(params, stack_shardings)
     return config, params
 
 
@@ -320,7 +331,8 @@ def save_hf(path: str | os.PathLike, config: ModelConfig, params: Params, *, dty
     target = Path(path).expanduser()
     if target.exists() and not (target.is_dir() and not any(target.iterdir())) and not overwrite:
         raise UserError(f"{target} already exists; choose a new folder (or pass overwrite=True)")
-    expected = abstract_params(config)
+    params = unstack_layers(params)  # either layout; the files hold one tensor per layer
+    expected = abstract_params(config.replace(scan_layers=False))
     entries = tensor_map(config)
     for name, param_path, _ in entries:
         try:

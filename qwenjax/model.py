@@ -9,6 +9,12 @@ sharding and checkpoints see an ordinary pytree.
 
 The attention kernel (qwenjax.attention) is a runtime choice, `attention_impl`, passed at call time: it is not a
 property of the checkpoint, so it stays out of ModelConfig and HF's config.json.
+
+Two parameter layouts (`config.scanned`): `layers/<i>/...` (a Python loop over layers) or `layers/...` with a
+leading `layers` axis on every leaf (one `lax.scan`: compile time and program size no longer grow with depth).
+`apply` runs whichever layout it is given; `stack_layers` / `unstack_layers` convert at the boundaries (HF
+files and model directories hold the per-layer layout). `config.remat` wraps the layer body in
+`jax.checkpoint` with the named policy (the run config's `train.remat`).
 """
 
 from __future__ import annotations
@@ -43,6 +49,15 @@ LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
     "post_attention_layernorm/weight": ("norm",),
     "norm/weight": ("norm",),
     "lm_head/kernel": ("embed", "vocab"),
+}
+
+# train.remat (run_sections.REMAT_POLICIES but "none"; tests/test_scan_remat.py keeps them equal) -> what
+# the backward pass may keep from the forward (None: only the layer's inputs).
+CHECKPOINT_POLICIES: dict[str, Any] = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 
@@ -141,6 +156,30 @@ class DecoderLayer(nnx.Module):
         return h_BTD, kv_cache
 
 
+def _stacked_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+    """One DecoderLayer whose parameters carry a leading `layers` axis (every layer alike: config.scanned)."""
+
+    @nnx.split_rngs(splits=config.num_hidden_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return DecoderLayer(config, 0, rngs=rngs)
+
+    return make(rngs)
+
+
+def _layer_fn(layer: DecoderLayer, attention_impl: str, remat: str):
+    """(layer params, h, kv, cos, sin, segment ids, cache index) -> (h, kv): the layer body, under
+    jax.checkpoint when `remat` names a policy."""
+    graphdef, _ = nnx.split(layer)
+
+    def run(state, h_BTD, kv, cos_BTH, sin_BTH, segment_ids_BT, cache_index):
+        return nnx.merge(graphdef, state)(h_BTD, cos_BTH, sin_BTH, segment_ids_BT, attention_impl, kv, cache_index)
+
+    if remat != "none" and remat not in CHECKPOINT_POLICIES:  # run configs validate it first (train.remat)
+        raise ValueError(f"unknown remat policy {remat!r}: none or one of {', '.join(CHECKPOINT_POLICIES)}")
+    return run if remat == "none" else jax.checkpoint(run, policy=CHECKPOINT_POLICIES[remat])
+
+
 class Qwen2(nnx.Module):
     """The decoder: embed, pre-norm layers, final norm, (tied or separate) unembedding."""
 
@@ -148,7 +187,10 @@ class Qwen2(nnx.Module):
         self.config = config
         V, D = config.vocab_size, config.hidden_size
         self.embed_tokens = nnx.Param(_normal(config)(rngs.params(), (V, D), config.param_dtype))
-        self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs) for i in range(config.num_hidden_layers)])
+        if config.scanned:
+            self.layers = _stacked_layers(config, rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(D, config=config)
         self.lm_head = None if config.tie_word_embeddings else Linear(D, V, bias=False, config=config, rngs=rngs)
 
@@ -171,12 +213,24 @@ class Qwen2(nnx.Module):
         cos_BTH, sin_BTH = rope_cos_sin(c, positions_BT, dtype)
 
         h_BTD = jnp.take(self.embed_tokens[...], tokens_BT, axis=0).astype(dtype)
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache["k"][i], cache["v"][i])
-            h_BTD, kv = layer(h_BTD, cos_BTH, sin_BTH, segment_ids_BT, attention_impl, kv, cache_index)
-            if cache is not None:
-                new_k.append(kv[0]), new_v.append(kv[1])
+        remat = "none" if cache is not None else c.remat  # decoding keeps no activations for a backward pass
+        kv_L = None if cache is None else (cache["k"], cache["v"])
+        context = (cos_BTH, sin_BTH, segment_ids_BT, cache_index)
+        if c.scanned:  # one layer body, scanned over the stacked params (and the cache's layer axis)
+            run = _layer_fn(self.layers, attention_impl, remat)
+
+            def body(h_BTD, layer):
+                state, kv = layer
+                return run(state, h_BTD, kv, *context)
+
+            h_BTD, kv_L = jax.lax.scan(body, h_BTD, (nnx.state(self.layers), kv_L))
+        else:
+            new_kv = []
+            for i, layer in enumerate(self.layers):
+                kv = None if cache is None else (cache["k"][i], cache["v"][i])
+                h_BTD, kv = _layer_fn(layer, attention_impl, remat)(nnx.state(layer), h_BTD, kv, *context)
+                new_kv.append(kv)
+            kv_L = None if cache is None else tuple(jnp.stack(x) for x in zip(*new_kv, strict=True))
         h_BTD = self.norm(h_BTD)
         if self.lm_head is None:
             logits_BTV = (h_BTD.reshape(B * T, -1) @ self.embed_tokens[...].astype(dtype).T).reshape(B, T, -1)
@@ -184,7 +238,7 @@ class Qwen2(nnx.Module):
             logits_BTV = self.lm_head(h_BTD)
         if cache is None:
             return logits_BTV, None
-        return logits_BTV, {"k": jnp.stack(new_k), "v": jnp.stack(new_v), "index": cache["index"] + T}
+        return logits_BTV, {"k": kv_L[0], "v": kv_L[1], "index": cache["index"] + T}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,7 +275,10 @@ def abstract_params(config: ModelConfig) -> Params:
 def apply(config: ModelConfig, params: Params, tokens_BT, *, positions=None, segment_ids=None, cache=None,
           attention_impl: str = "auto"):
     """(logits [B, T, V], new cache) — the pure function that training and decoding jit. `attention_impl`:
-    a kernel name of qwenjax.attention (the run config's `attention.impl`); jit it as a static argument."""
+    a kernel name of qwenjax.attention (the run config's `attention.impl`); jit it as a static argument.
+    The params may be in either layout (stacked or per layer): the model runs the one it is given."""
+    if is_stacked(params) != config.scanned:
+        config = config.replace(scan_layers=is_stacked(params))
     return _module(config, params)(tokens_BT, positions, segment_ids, cache, attention_impl)
 
 
@@ -239,15 +296,47 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
 
 
+def is_stacked(params: Params) -> bool:
+    """Whether `params` (or any pytree shaped like them) hold the layers stacked on a leading axis."""
+    return not all(isinstance(k, int) for k in params["layers"])
+
+
+def stack_layers(params: Params) -> Params:
+    """Per-layer params (`layers/<i>/...`) -> one pytree with a leading `layers` axis (scan layout)."""
+    if is_stacked(params):
+        return params
+    layers = [params["layers"][i] for i in range(len(params["layers"]))]
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def unstack_layers(params: Params) -> Params:
+    """The inverse of `stack_layers`: integer layer keys, as HF files and model directories hold them."""
+    if not is_stacked(params):
+        return params
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    return {**params, "layers": {i: jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(n)}}
+
+
+def to_layout(params: Params, config: ModelConfig) -> Params:
+    """`params` in the layout `config.scanned` asks for."""
+    return stack_layers(params) if config.scanned else unstack_layers(params)
+
+
 def param_paths(params: Params) -> list[tuple[str, ...]]:
     return [tuple(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
 
 
 def logical_axes(path: tuple[str, ...]) -> tuple[str | None, ...]:
-    """Logical axes of the parameter at `path` (a tuple of dict keys)."""
+    """Logical axes of the parameter at `path` (a tuple of dict keys); stacked layers lead with `layers`."""
     if path[-1] == "embed_tokens":
         return ("vocab", "embed")
-    return LOGICAL_AXES["/".join(path[-2:])]
+    axes = LOGICAL_AXES["/".join(path[-2:])]
+    return ("layers", *axes) if is_stacked_path(path) else axes
+
+
+def is_stacked_path(path: tuple) -> bool:
+    """Whether the param at `path` (dict keys, as str or int) is a layer parameter of the stacked layout."""
+    return len(path) > 2 and str(path[0]) == "layers" and not str(path[1]).isdigit()
 
 
 def count_params(config: ModelConfig) -> tuple[int, int]:

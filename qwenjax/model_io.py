@@ -2,8 +2,10 @@
 `RUN_DIR/model/` (and `qwenjax export` writes), and what training can start from (`model.init_from`).
 
 Layout of a model directory:
-    model_config.json   every `ModelConfig` field (dtype and param_dtype included; rope_scaling as an object)
-    params/             an Orbax `StandardCheckpointer` checkpoint of the params dict
+    model_config.json   every `ModelConfig` field but the runtime ones (`config.RUNTIME_FIELDS`: scan_layers,
+                        remat); dtype and param_dtype included; rope_scaling as an object
+    params/             an Orbax `StandardCheckpointer` checkpoint of the params dict, one entry per layer
+                        (stacked params are unstacked on save and stacked again on load: either layout reads)
 
 `params/` is written first (Orbax commits it atomically), `model_config.json` last (written to a temporary
 file and renamed), so a directory with `model_config.json` is always complete. Restoring uses an abstract
@@ -22,17 +24,19 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from qwenjax.config import ModelConfig
+from qwenjax.config import RUNTIME_FIELDS, ModelConfig
 from qwenjax.errors import UserError
-from qwenjax.model import Params, abstract_params
+from qwenjax.model import Params, abstract_params, stack_layers, unstack_layers
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 
 
 def config_to_dict(config: ModelConfig) -> dict[str, Any]:
-    d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in RUNTIME_FIELDS}
     d["rope_scaling"] = config.rope_scaling_dict
     return d
 
@@ -77,7 +81,8 @@ def save_model(directory: str | os.PathLike, config: ModelConfig, params: Params
     process of a multi-process job (Orbax coordinates the write).
     """
     directory = Path(directory).expanduser().absolute()
-    _check_structure(config, params)
+    params = unstack_layers(params)  # the on-disk layout, whatever the run's
+    _check_structure(config.replace(scan_layers=False), params)
     dtypes = {jax.numpy.dtype(x.dtype).name for x in jax.tree.leaves(params)}
     if dtypes != {config.param_dtype}:
         raise UserError(f"params are {', '.join(sorted(dtypes))} but config.param_dtype is "
@@ -114,14 +119,20 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
     return config_from_dict(d, str(f))
 
 
-def load_model(directory: str | os.PathLike, *, shardings=None) -> tuple[ModelConfig, Params]:
-    """(config, params) from a `save_model` directory.
+def load_model(directory: str | os.PathLike, *, shardings=None,
+               scan_layers: bool | None = None) -> tuple[ModelConfig, Params]:
+    """(config, params) from a `save_model` directory, in the layout of `config.scanned` (`scan_layers`
+    overrides the config's, e.g. a run's `model.scan_layers`).
 
-    `shardings`: a pytree like the params of `jax.sharding.Sharding`, or a callable taking a param path
-    (tuple of strings, as `qwenjax.model.param_paths`); default: everything on the first local device.
+    `shardings`: a pytree like the params (in that layout) of `jax.sharding.Sharding`, or a callable taking a
+    per-layer param path (tuple of strings, as `qwenjax.model.param_paths`); default: everything on the first
+    local device.
     """
     directory = Path(directory).expanduser().absolute()
     config = load_config(directory)
+    if scan_layers is not None:
+        config = config.replace(scan_layers=scan_layers)
+    stacked = config.scanned and isinstance(shardings, Mapping)
     if not (directory / PARAMS_DIR).is_dir():
         raise UserError(f"{directory} has {CONFIG_FILE} but no {PARAMS_DIR}/ folder")
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -134,11 +145,13 @@ def load_model(directory: str | os.PathLike, *, shardings=None) -> tuple[ModelCo
             sharding = shardings(tuple(str(k) for k in keys))
         else:
             sharding = shardings
-            for k in keys:
+            for k in (keys[:1] + keys[2:]) if stacked and keys[0] == "layers" else keys:
                 sharding = sharding[k]
+            if stacked and keys[0] == "layers":  # one layer's slice of a stacked param
+                sharding = NamedSharding(sharding.mesh, P(*sharding.spec[1:]))
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
-    abstract = jax.tree_util.tree_map_with_path(target, abstract_params(config))
+    abstract = jax.tree_util.tree_map_with_path(target, abstract_params(config.replace(scan_layers=False)))
     checkpointer = ocp.StandardCheckpointer()
     try:
         params = checkpointer.restore(directory / PARAMS_DIR, abstract)
@@ -147,4 +160,6 @@ def load_model(directory: str | os.PathLike, *, shardings=None) -> tuple[ModelCo
         raise UserError(f"cannot restore {directory / PARAMS_DIR} for its {CONFIG_FILE}: {first}") from None
     finally:
         checkpointer.close()
+    if config.scanned:
+        params = jax.jit(stack_layers, out_shardings=shardings if stacked else None)(params)
     return config, params

@@ -16,6 +16,7 @@ from qwenjax.errors import UserError, did_you_mean
 SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "1-sqrt")
 ATTENTION_IMPLS = ("auto", "reference", "blockwise", "cudnn", "splash")  # auto + qwenjax.attention.KERNELS
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "offload")  # none + qwenjax.model's
 
 
 # Defaults are the design doc's sweep defaults (AdamW 0.9/0.95/1e-8, wd 0.1, clip 1.0).
@@ -46,6 +47,7 @@ class ModelSection:
     initializer_range: float | None = None
     dtype: str | None = None
     param_dtype: str | None = None
+    scan_layers: bool | None = None  # layers under lax.scan (stacked params); None: from the depth (config.py)
     init_from: str | None = None
 
 
@@ -64,8 +66,12 @@ class TrainSection:
     divergence_factor: float = 2.0  # loss above this multiple of the first step's loss = diverged
     resume_optimizer: bool = False  # with model.init_from a run dir: keep its Adam state (qwenjax.train.start)
     wandb: str = "auto"  # log to wandb: auto (if QWENJAX_WANDB=1), true (needs wandb installed) or false
+    remat: str = "none"  # activation rematerialisation of the layer body: none | full | dots | ... (REMAT_POLICIES)
 
     def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise UserError(f"train.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}"
+                            + did_you_mean(str(self.remat), REMAT_POLICIES))
         wandb = _WANDB_WORDS.get(str(self.wandb).strip().lower())  # YAML's true arrives as "True"
         if wandb is None:
             raise UserError(f"train.wandb must be auto, true or false, got {self.wandb!r}")

@@ -38,9 +38,13 @@ def params():
     return init_params(CONFIG, 1)
 
 
-@pytest.mark.parametrize("sliding", [False, True], ids=["plain", "sliding-window"])
+SCANNED = {"plain-scanned": CONFIG.replace(scan_layers=True),  # layers stacked, the cache scanned alongside
+           "sliding-all-scanned": SLIDING.replace(max_window_layers=0, scan_layers=True)}
+
+
+@pytest.mark.parametrize("sliding", [False, True, *SCANNED], ids=["plain", "sliding-window", *SCANNED])
 def test_cached_logits_equal_full_forward_at_every_step(sliding, params):
-    config = SLIDING if sliding else CONFIG
+    config = SCANNED.get(sliding, SLIDING if sliding else CONFIG)
     if sliding:
         params = init_params(config, 2)
     prompt = [3, 14, 15, 9, 26, 5, 35]

@@ -12,7 +12,7 @@ import pytest
 from qwenjax import hf, model_io
 from qwenjax.config import ModelConfig
 from qwenjax.errors import UserError
-from qwenjax.model import init_params, logits
+from qwenjax.model import init_params, is_stacked, logits, unstack_layers
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -60,10 +60,12 @@ def untied(tmp_path_factory):
     return model, path
 
 
-def test_round_trip_through_qwenjax(untied, tmp_path):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_round_trip_through_qwenjax(untied, tmp_path, scan):
     model, path = untied
     ref = torch_logits(model)
-    config, params = hf.load_hf(path)
+    config, params = hf.load_hf(path, scan_layers=scan)
+    assert is_stacked(params) == scan == config.scanned
     assert config.rope_scaling_dict["factor"] == 2.0 and not config.tie_word_embeddings
     assert np.abs(np.asarray(_forward(config, params, TOKENS)) - ref).max() < TOL
     out = hf.save_hf(tmp_path / "out", config, params)
@@ -149,6 +151,20 @@ def test_load_hf_places_each_tensor_on_its_sharding(untied):
     assert ("layers", "1", "mlp", "down_proj", "kernel") in seen
     kernel = params["layers"][1]["mlp"]["down_proj"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+
+
+def test_model_io_either_layout(untied, tmp_path):
+    """Model directories hold one entry per layer: a stacked save loads in both layouts, equal to the HF file."""
+    _, path = untied
+    config, params = hf.load_hf(path)
+    stacked_cfg, stacked = hf.load_hf(path, scan_layers=True)
+    model_io.save_model(tmp_path / "m", stacked_cfg, stacked)
+    for scan in (False, True):
+        config2, params2 = model_io.load_model(tmp_path / "m", scan_layers=scan)
+        assert config2.scanned == scan == is_stacked(params2)
+        for a, b in zip(jax.tree.leaves(unstack_layers(params2)), jax.tree.leaves(params), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert "scan_layers" not in json.loads((tmp_path / "m" / "model_config.json").read_text())
 
 
 def test_model_io_round_trip(untied, tmp_path):

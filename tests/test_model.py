@@ -9,7 +9,7 @@ import pytest
 
 from qwenjax.config import PRESETS, ModelConfig
 from qwenjax.errors import UserError
-from qwenjax.model import count_params, logits
+from qwenjax.model import count_params, logits, to_layout
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -89,16 +89,25 @@ PARITY_CASES = {
                       tie_word_embeddings=True, rms_norm_eps=1e-5),
     # layer 1 (>= max_window_layers) attends to the last 4 positions only
     "sliding-window": dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    # every layer attends to the last 4 positions only (layers alike: runs under scan too)
+    "sliding-window-all": dict(use_sliding_window=True, sliding_window=4, max_window_layers=0),
     # YaRN with the explicit factor (HF >= PR #40320 semantics)
     "yarn": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
                  max_position_embeddings=128),
 }
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 @pytest.mark.parametrize("case", PARITY_CASES)
-def test_float32_parity_with_transformers(case):
+def test_float32_parity_with_transformers(case, scan):
     model = hf_model(**PARITY_CASES[case])
     config, params = to_qwenjax(model)
+    if scan and not config.uniform_layers:  # layers that differ cannot share one scanned body: a clear refusal
+        with pytest.raises(UserError, match="scan_layers: true needs every layer alike"):
+            config.replace(scan_layers=True)
+        return
+    config = config.replace(scan_layers=scan)
+    params = to_layout(params, config)
     if case == "sliding-window":
         assert config.uses_sliding_window(1) and not config.uses_sliding_window(0)
     if case == "yarn":
@@ -108,7 +117,7 @@ def test_float32_parity_with_transformers(case):
     ours = np.asarray(_forward(config, params, tokens))
     assert np.abs(ref).max() > 1.0  # logits of a meaningful size
     assert np.abs(ours - ref).max() < FLOAT32_TOL
-    if case in ("sliding-window", "yarn"):  # the feature changes the logits, so parity covers it
+    if case in ("sliding-window", "sliding-window-all", "yarn"):  # the feature changes the logits
         plain = config.replace(use_sliding_window=False, rope_scaling=None)
         assert np.abs(np.asarray(_forward(plain, params, tokens)) - ref).max() > 1e-2
 

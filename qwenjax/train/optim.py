@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from qwenjax.errors import UserError
+from qwenjax.model import is_stacked_path
 from qwenjax.run_config import DECAY_SHAPES, SCHEDULES
 
 HP_KEYS = ("lr", "warmup_steps", "total_steps", "min_lr_ratio", "decay_fraction", "weight_decay",
@@ -117,7 +118,7 @@ def decay_mask(params, static: OptimStatic):
         name = str(getattr(path[-1], "key", path[-1]))
         if name == "embed_tokens":
             return static.decay_embeddings
-        return x.ndim >= 2
+        return x.ndim - is_stacked_path(tuple(getattr(k, "key", k) for k in path)) >= 2  # per layer
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

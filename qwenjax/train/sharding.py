@@ -45,6 +45,7 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),
     "norm": None,
+    "layers": None,  # the leading axis of stacked (scanned) layer params: every device holds every layer
 }
 
 

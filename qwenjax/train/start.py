@@ -47,9 +47,9 @@ def initial_state(cfg: RunConfig, model_cfg: ModelConfig, rng, mesh, state_sh) -
             raise UserError(f"train.resume_optimizer: true needs model.init_from to be a run directory with a "
                             f"checkpoint; {source} holds parameters only")
         folder = source if model_io.is_model_dir(source) else model_dir_of(source)
-        loaded_cfg = model_io.load_config(folder)
+        loaded_cfg = model_io.load_config(folder).replace(scan_layers=model_cfg.scanned)  # the run's layout
         _check_shapes(cfg, model_cfg, loaded_cfg)
-        _, params = model_io.load_model(folder, shardings=state_sh["params"])
+        _, params = model_io.load_model(folder, shardings=state_sh["params"], scan_layers=model_cfg.scanned)
         opt_state = None
     elif (source / "config.yaml").is_file():
         raise UserError(f"model.init_from {source}: this run directory holds no checkpoint and no model/ "

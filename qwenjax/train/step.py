@@ -45,6 +45,7 @@ class StepStatic:
     objective: Any = NEXT_TOKEN
     grad_accum: int = 1  # micro-batches per step
     attention_impl: str = "auto"  # a kernel of qwenjax.attention (the run config's attention.impl)
+    remat: str = "none"  # a jax.checkpoint policy of the layer body (the run config's train.remat)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -70,7 +71,7 @@ def make_optim_static(run_cfg: RunConfig) -> OptimStatic:
 
 def make_step_static(run_cfg: RunConfig, objective=NEXT_TOKEN) -> StepStatic:
     return StepStatic(optim=make_optim_static(run_cfg), objective=objective, grad_accum=run_cfg.train.grad_accum,
-                      attention_impl=run_cfg.attention.impl)
+                      attention_impl=run_cfg.attention.impl, remat=run_cfg.train.remat)
 
 
 def make_hparams(run_cfg: RunConfig, objective=NEXT_TOKEN) -> dict[str, jax.Array]:
@@ -84,9 +85,11 @@ def make_hparams(run_cfg: RunConfig, objective=NEXT_TOKEN) -> dict[str, jax.Arra
 
 
 def train_step(state: State, batch, hp, *, model_cfg: ModelConfig, optim_static: OptimStatic,
-               objective=NEXT_TOKEN, grad_accum: int = 1, attention_impl: str = "auto"):
+               objective=NEXT_TOKEN, grad_accum: int = 1, attention_impl: str = "auto", remat: str = "none"):
     """One optimizer step on a global batch of [B, T] arrays. Pure: jit it with shardings, or map it over
-    (state, hp) for a population of learning rates. Returns (new state, {metrics, "grad_norm", "lr"})."""
+    (state, hp) for a population of learning rates. Returns (new state, {metrics, "grad_norm", "lr"}).
+    `remat` travels to the model inside its config (a runtime field: the params do not depend on it)."""
+    model_cfg = model_cfg.replace(remat=remat)
     ref = state.get("ref_params")
     grads, metrics = mean_metrics(state["params"], batch, hp, model_cfg=model_cfg, grad_accum=grad_accum,
                                   objective=objective, ref_params=ref, attention_impl=attention_impl)
@@ -107,7 +110,7 @@ def static_step(static: StepStatic, model_cfg: ModelConfig):
     """`train_step` with everything static bound: (state, batch, hp) -> (state, metrics)."""
     return functools.partial(train_step, model_cfg=model_cfg, optim_static=static.optim,
                              objective=static.objective, grad_accum=static.grad_accum,
-                             attention_impl=static.attention_impl)
+                             attention_impl=static.attention_impl, remat=static.remat)
 
 
 # ---------------------------------------------------------------------------------------------------------
