@@ -70,6 +70,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """(ids, the character index in `text` where each token starts): chat loss masks need the spans."""
+        raise NotImplementedError
+
     def id_to_piece(self, i: int) -> str:
         raise NotImplementedError
 
@@ -109,6 +113,12 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._sp.encode(list(texts), num_threads=_num_threads())
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        pieces = self._sp.encode(text, return_type="proto").pieces  # begin: a UTF-8 byte offset
+        char_of_byte = [i for i, ch in enumerate(text) for _ in range(len(ch.encode("utf-8")))]
+        char_of_byte.append(len(text))
+        return [p.id for p in pieces], [char_of_byte[p.begin] for p in pieces]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -154,6 +164,10 @@ class HFTokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return list(enc.ids), [start for start, _ in enc.offsets]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
