@@ -13,7 +13,8 @@ import sys
 
 from qwenjax.errors import UserError
 
-COMMANDS = ("convert", "generate", "tokenizer", "train", "export", "bench", "sweep", "fit", "predict", "demo")
+COMMANDS = ("convert", "generate", "tokenizer", "train", "export", "bench", "sweep", "fit", "predict", "demo",
+            "plan")
 
 
 def package_version() -> str:
