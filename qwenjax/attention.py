@@ -14,6 +14,8 @@ Kernels (`attention.impl`):
   definition that the other kernels are tested against.
 - `blockwise`: the same numerics in query blocks, each seeing only the keys up to its own end (and, with a
   window, from its start - window + 1): the masked part is never computed.
+- `flash`: memory-linear blockwise attention with its own VJP (`attention_flash.py`): saves only the output
+  and the log-sum-exp, recomputes block scores in the backward, O(T x block) memory; for long-T training.
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN flash attention on NVIDIA GPUs
   (bfloat16/float16). Segment ids become a dense [B, 1, T, S] mask: the public API takes no segment ids.
 - `splash`: the Pallas TPU splash-attention kernel (block-sparse flash attention), vmapped over the batch.
@@ -37,6 +39,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from qwenjax.attention_flash import flash
 from qwenjax.errors import UserError
 from qwenjax.run_sections import ATTENTION_IMPLS, did_you_mean
 
@@ -138,7 +141,7 @@ def _splash_kernel(T: int, S: int, N: int, window: int | None, interpret: bool):
 
 
 KERNELS: dict[str, Callable[..., jax.Array]] = {
-    "reference": reference, "blockwise": blockwise, "cudnn": cudnn, "splash": splash}
+    "reference": reference, "blockwise": blockwise, "flash": flash, "cudnn": cudnn, "splash": splash}
 IMPLS = ATTENTION_IMPLS  # auto and the kernels
 _PLATFORM = {"cudnn": ("gpu", "an NVIDIA GPU"), "splash": ("tpu", "a TPU")}
 
@@ -172,7 +175,7 @@ def resolve(impl: str, q_BTNH, k_BSKH, *, cached: bool = False) -> str:
         raise UserError(f"attention.impl={impl} needs {_PLATFORM[impl][1]}, but JAX runs on {backend}; use "
                         f"attention.impl=auto (or reference, blockwise)")
     if cached:
-        return impl if impl in ("reference", "blockwise") else "blockwise"
+        return impl if impl in ("reference", "blockwise") else "blockwise"  # flash included: no cache
     if impl == AUTO:
         fits = [name for name, (platform, _) in _PLATFORM.items()
                 if backend == platform and _PROBLEMS[name](q_BTNH, k_BSKH) is None]

@@ -15,8 +15,10 @@ from qwenjax.errors import UserError, did_you_mean
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "1-sqrt")
-ATTENTION_IMPLS = ("auto", "reference", "blockwise", "cudnn", "splash")  # auto + qwenjax.attention.KERNELS
+ATTENTION_IMPLS = ("auto", "reference", "blockwise", "flash", "cudnn", "splash")  # auto + qwenjax.attention.KERNELS
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "offload")  # none + qwenjax.model's
+OBJECTIVE_NAMES = ("next_token", "sft")  # = qwenjax.train.objectives.OBJECTIVES (tests/test_sft.py)
+DATA_FORMATS = ("auto", "text", "chat")  # auto: chat for train.objective sft or JSONL with "messages"
 
 
 # Defaults are the design doc's sweep defaults (AdamW 0.9/0.95/1e-8, wd 0.1, clip 1.0).
@@ -67,8 +69,12 @@ class TrainSection:
     resume_optimizer: bool = False  # with model.init_from a run dir: keep its Adam state (qwenjax.train.start)
     wandb: str = "auto"  # log to wandb: auto (if QWENJAX_WANDB=1), true (needs wandb installed) or false
     remat: str = "none"  # activation rematerialisation of the layer body: none | full | dots | ... (REMAT_POLICIES)
+    objective: str = "next_token"  # what is minimised: next_token | sft (next-token loss on assistant tokens)
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVE_NAMES:
+            raise UserError(f"train.objective must be one of {', '.join(OBJECTIVE_NAMES)}, got {self.objective!r}"
+                            + did_you_mean(str(self.objective), OBJECTIVE_NAMES))
         if self.remat not in REMAT_POLICIES:
             raise UserError(f"train.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}"
                             + did_you_mean(str(self.remat), REMAT_POLICIES))
@@ -174,8 +180,13 @@ class DataSection:
     cache_dir: str | None = None  # None = $QWENJAX_CACHE or ~/.cache/qwenjax
     heldout_fraction: float = 0.01
     max_bytes: int | None = None  # read at most this many bytes of the corpus
+    format: str = "auto"  # text | chat (JSONL {"messages": [...]}, docs/post-training.md) | auto
+    truncate: bool = False  # chat: cut conversations longer than train.seq_len + 1 tokens instead of an error
 
     def __post_init__(self):
+        if self.format not in DATA_FORMATS:
+            raise UserError(f"data.format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}"
+                            + did_you_mean(str(self.format), DATA_FORMATS))
         if self.sources is not None:
             object.__setattr__(self, "sources", tuple(
                 s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in self.sources))
