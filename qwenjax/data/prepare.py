@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import jax
@@ -21,6 +22,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from qwenjax.data.cache import TokenCache, build_token_cache
+from qwenjax.data.chat import is_chat_file, read_conversations, render
+from qwenjax.data.chat_batches import ChatCache, build_chat_cache
 from qwenjax.data.corpus import default_corpus_files, resolve_files
 from qwenjax.data.tokenizer import train_tokenizer
 from qwenjax.errors import UserError
@@ -38,6 +41,7 @@ class DataSetup:
     weights: list[float]
     vocab_size: int
     eos_id: int
+    chat: ChatCache | None = None  # chat data (docs/post-training.md): caches == [chat], batches from it
 
 
 def limit_files(files: list[Path], max_bytes: int | None) -> list[Path]:
@@ -86,6 +90,8 @@ def prepare_data(cfg: RunConfig) -> DataSetup:
         if not files:
             raise UserError(f"data path {path} holds no files")
         sources.append((path, files, weight))
+    if is_chat(cfg, [f for _, files, _ in sources for f in files]):
+        return prepare_chat(cfg, sources)
     if d.tokenizer:
         tok_path = Path(d.tokenizer).expanduser()
     else:
@@ -101,6 +107,46 @@ def prepare_data(cfg: RunConfig) -> DataSetup:
     assert_same_everywhere(caches[0].tokenizer_fingerprint + "".join(c.key for c in caches),
                            "tokenizer / token cache")
     return DataSetup(tok_path, caches, [w for _, _, w in sources], caches[0].vocab_size, caches[0].eos_id)
+
+
+def is_chat(cfg: RunConfig, files: list[Path]) -> bool:
+    """data.format chat, or auto with train.objective sft or every file a JSONL of {"messages": [...]}."""
+    fmt = cfg.data.format
+    if fmt == "auto":
+        fmt = "chat" if cfg.train.objective == "sft" or (files and all(map(is_chat_file, files))) else "text"
+    if cfg.train.objective == "sft" and fmt != "chat":
+        raise UserError("train.objective sft trains on chat data: set data.format to chat (or auto) and give "
+                        "JSONL files of {\"messages\": [...]}")
+    return fmt == "chat"
+
+
+def prepare_chat(cfg: RunConfig, sources: list) -> DataSetup:
+    """Chat data: one source; the tokenizer (when not given) is trained on the rendered conversations."""
+    d = cfg.data
+    if len(sources) != 1:
+        raise UserError("chat data takes one data.path (a JSONL file, glob or folder), not data.sources")
+    files = sources[0][1]
+    cache_root = d.resolved_cache_dir()
+    if d.tokenizer:
+        tok_path = Path(d.tokenizer).expanduser()
+    else:
+        key = hashlib.sha256(json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns]
+                                         for f in files]).encode()).hexdigest()[:20]
+        text = cache_root / "chat-text" / f"{key}.txt"  # the rendered conversations, what the tokenizer sees
+        if not text.is_file():
+            text.parent.mkdir(parents=True, exist_ok=True)
+            tmp = text.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text("".join(render(m)[0] for _, _, m in read_conversations(files)), encoding="utf-8")
+            os.replace(tmp, text)
+        tok_path = ensure_tokenizer([text], d.vocab_size, cache_root)
+    chat = build_chat_cache(files, tok_path, cache_root / "chat", heldout_fraction=d.heldout_fraction)
+    chat.check_lengths(cfg.train.seq_len, d.truncate)
+    log.info("chat data: %d training conversations, %d held out; %d packed rows of %d tokens per epoch",
+             chat.num("train"), chat.num("heldout"),
+             len(chat.train_iterator(seq_len=cfg.train.seq_len, global_batch_size=1, seed=cfg.seed,
+                                     truncate=d.truncate).rows_of_epoch(0)), cfg.train.seq_len)
+    assert_same_everywhere(chat.tokenizer_fingerprint + chat.key, "tokenizer / chat cache")
+    return DataSetup(tok_path, [chat], [1.0], chat.vocab_size, chat.eos_id, chat)
 
 
 def assert_same_everywhere(text: str, what: str) -> None:

@@ -72,7 +72,9 @@ class NextTokenLoss:
 
 
 NEXT_TOKEN = NextTokenLoss()
-OBJECTIVES = {NEXT_TOKEN.name: NEXT_TOKEN}
+#: `train.objective` -> objective. SFT is next-token loss over the loss mask, which chat batches set to the
+#: assistant tokens (qwenjax.data.chat), so it is the same objective (and the same compiled step).
+OBJECTIVES = {NEXT_TOKEN.name: NEXT_TOKEN, "sft": NEXT_TOKEN}
 
 
 def mean_gradients(params, batch, hp, *, model_cfg: ModelConfig, grad_accum: int = 1,

@@ -58,13 +58,20 @@ def setup_run(cfg: RunConfig) -> RunSetup:
         raise UserError(f"the tokenizer has {data.vocab_size} tokens but model.vocab_size is "
                         f"{model_cfg.vocab_size}")
     block, n_blocks = sharding.process_batch_block(mesh, B)
-    train_iter = make_train_iterator(data.caches, data.weights, seq_len=T, global_batch_size=B, seed=cfg.seed,
-                                     process_index=block, process_count=n_blocks)
     eval_bs = B // k
     e_block, e_blocks = sharding.process_batch_block(mesh, eval_bs)
-    eval_sets = [[sharding.global_batch(b, mesh, eval_bs) for b in make_eval_batches(
-        c, seq_len=T, batch_size=eval_bs, num_batches=cfg.eval.num_batches(eval_bs), process_index=e_block,
-        process_count=e_blocks)] for c in data.caches]
+    if data.chat is not None:  # conversations packed whole, loss on assistant tokens (docs/post-training.md)
+        train_iter = data.chat.train_iterator(seq_len=T, global_batch_size=B, seed=cfg.seed,
+                                              truncate=cfg.data.truncate, process_index=block, process_count=n_blocks)
+        eval_sets = [[sharding.global_batch(b, mesh, eval_bs) for b in data.chat.eval_batches(
+            seq_len=T, batch_size=eval_bs, num_batches=cfg.eval.num_batches(eval_bs), truncate=cfg.data.truncate,
+            process_index=e_block, process_count=e_blocks)]]
+    else:
+        train_iter = make_train_iterator(data.caches, data.weights, seq_len=T, global_batch_size=B,
+                                         seed=cfg.seed, process_index=block, process_count=n_blocks)
+        eval_sets = [[sharding.global_batch(b, mesh, eval_bs) for b in make_eval_batches(
+            c, seq_len=T, batch_size=eval_bs, num_batches=cfg.eval.num_batches(eval_bs), process_index=e_block,
+            process_count=e_blocks)] for c in data.caches]
     eval_fn, compile_eval_s = compiled_eval_step(model_cfg, mesh, eval_bs, T,
                                                  attention_impl=cfg.attention.impl)
     peak, peak_source = qmetrics.peak_flops(mesh.devices.flat)
