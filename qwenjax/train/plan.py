@@ -128,7 +128,11 @@ def compile_candidate(cfg: RunConfig, mesh, remat: str, grad_accum: int, attenti
                                  attention_impl=attention_impl)
     B, T = cfg.train.batch_size, cfg.train.seq_len
     t0 = time.perf_counter()
-    compiled, _ = step.compiled_train_step(model_cfg, static, mesh, B, T)
+    try:
+        compiled, _ = step.compiled_train_step(model_cfg, static, mesh, B, T)
+    except Exception as e:  # e.g. a remat policy or kernel XLA:CPU cannot lower: one line, not a traceback
+        raise UserError(f"plan: the step does not compile on CPU with train.remat={remat}, "
+                        f"grad_accum={grad_accum}: {str(e).strip().splitlines()[0][:300]}") from None
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     xla = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp",
@@ -152,7 +156,11 @@ def _search(cfg, mesh, first: dict, hbm: int, attention_impl: str, dp: int, max_
         todo.append(("full", k))
     tried, found = [], None
     for remat, accum in todo[:max_compiles]:
-        c = compile_candidate(cfg, mesh, remat, accum, attention_impl)
+        try:
+            c = compile_candidate(cfg, mesh, remat, accum, attention_impl)
+        except UserError as e:
+            tried.append({"remat": remat, "grad_accum": accum, "error": str(e)})
+            continue
         tried.append({"remat": remat, "grad_accum": accum, "micro_batch_per_replica": B // accum // dp,
                       "peak_bytes": c["peak_bytes"], "fits": c["peak_bytes"] <= hbm, "compile_s": c["compile_s"]})
         if c["peak_bytes"] <= hbm:
