@@ -19,6 +19,7 @@ files and model directories hold the per-layer layout). `config.remat` wraps the
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from typing import Any
 
@@ -59,6 +60,27 @@ CHECKPOINT_POLICIES: dict[str, Any] = {
     "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
+
+
+# The activation-sharding hook: a callable (x, logical axes) -> x set by `qwenjax.train.sharding.activation_sharding`
+# (which maps the names through its one rules table under a mesh); unset, `constrain` does nothing.
+ACTIVATION_CONSTRAINT: contextvars.ContextVar = contextvars.ContextVar("activation_constraint", default=None)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Pin an activation's sharding by the logical names of its axes (e.g. ("batch", "length", "embed")).
+    Without it XLA's propagation may pick a parameter's layout for an activation and then have to undo it
+    (an "involuntary full rematerialization"). A no-op outside a mesh (single device, decoding, tests)."""
+    fn = ACTIVATION_CONSTRAINT.get()
+    return x if fn is None else fn(x, axes)
+
+
+# logical axes of the activations (the rules table maps them to mesh axes, as for the parameters)
+_BTD = ("batch", "length", "embed")
+_BTF = ("batch", "length", "mlp")
+_BTV = ("batch", "length", "vocab")
+_BTNH = ("batch", "length", "heads", None)
+_BTKH = ("batch", "length", "kv_heads", None)
 
 
 def _normal(config: ModelConfig):
@@ -112,9 +134,9 @@ class Attention(nnx.Module):
     def __call__(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, attention_impl, kv_cache=None, cache_index=None):
         B, T, _ = x_BTD.shape
         N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
-        q_BTNH = apply_rope(self.q_proj(x_BTD).reshape(B, T, N, H), cos_BTH, sin_BTH)
-        k_BTKH = apply_rope(self.k_proj(x_BTD).reshape(B, T, K, H), cos_BTH, sin_BTH)
-        v_BTKH = self.v_proj(x_BTD).reshape(B, T, K, H)
+        q_BTNH = constrain(apply_rope(self.q_proj(x_BTD).reshape(B, T, N, H), cos_BTH, sin_BTH), _BTNH)
+        k_BTKH = constrain(apply_rope(self.k_proj(x_BTD).reshape(B, T, K, H), cos_BTH, sin_BTH), _BTKH)
+        v_BTKH = constrain(self.v_proj(x_BTD).reshape(B, T, K, H), _BTKH)
         if kv_cache is not None:  # write this chunk at cache_index, attend over the whole (masked) cache
             k_BSKH = jax.lax.dynamic_update_slice(kv_cache[0], k_BTKH.astype(kv_cache[0].dtype), (0, cache_index, 0, 0))
             v_BSKH = jax.lax.dynamic_update_slice(kv_cache[1], v_BTKH.astype(kv_cache[1].dtype), (0, cache_index, 0, 0))
@@ -123,6 +145,7 @@ class Attention(nnx.Module):
             k_BSKH, v_BSKH = k_BTKH, v_BTKH
         out_BTNH = attend(q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), impl=attention_impl,
                           segment_ids_BT=segment_ids_BT, window=self.window, q_offset=cache_index)
+        out_BTNH = constrain(out_BTNH, _BTNH)
         return self.o_proj(out_BTNH.reshape(B, T, N * H)), kv_cache
 
 
@@ -137,7 +160,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD):
         gate_BTF = jax.nn.silu(self.gate_proj(x_BTD).astype(jnp.float32)).astype(x_BTD.dtype)  # torch: f32 silu
-        return self.down_proj(gate_BTF * self.up_proj(x_BTD))
+        return self.down_proj(constrain(gate_BTF * self.up_proj(x_BTD), _BTF))
 
 
 class DecoderLayer(nnx.Module):
@@ -151,8 +174,8 @@ class DecoderLayer(nnx.Module):
     def __call__(self, h_BTD, cos_BTH, sin_BTH, segment_ids_BT, attention_impl, kv_cache=None, cache_index=None):
         attn_BTD, kv_cache = self.self_attn(self.input_layernorm(h_BTD), cos_BTH, sin_BTH, segment_ids_BT,
                                             attention_impl, kv_cache, cache_index)
-        h_BTD = h_BTD + attn_BTD
-        h_BTD = h_BTD + self.mlp(self.post_attention_layernorm(h_BTD))
+        h_BTD = constrain(h_BTD + attn_BTD, _BTD)
+        h_BTD = constrain(h_BTD + self.mlp(self.post_attention_layernorm(h_BTD)), _BTD)
         return h_BTD, kv_cache
 
 
@@ -212,7 +235,9 @@ class Qwen2(nnx.Module):
             segment_ids_BT = None
         cos_BTH, sin_BTH = rope_cos_sin(c, positions_BT, dtype)
 
-        h_BTD = jnp.take(self.embed_tokens[...], tokens_BT, axis=0).astype(dtype)
+        # the lookup reads the table whole along embed (the fsdp all-gather) so rows stay split by batch
+        table_VD = constrain(self.embed_tokens[...], ("vocab", None))
+        h_BTD = constrain(jnp.take(table_VD, tokens_BT, axis=0).astype(dtype), _BTD)
         remat = "none" if cache is not None else c.remat  # decoding keeps no activations for a backward pass
         kv_L = None if cache is None else (cache["k"], cache["v"])
         context = (cos_BTH, sin_BTH, segment_ids_BT, cache_index)
@@ -236,6 +261,7 @@ class Qwen2(nnx.Module):
             logits_BTV = (h_BTD.reshape(B * T, -1) @ self.embed_tokens[...].astype(dtype).T).reshape(B, T, -1)
         else:
             logits_BTV = self.lm_head(h_BTD)
+        logits_BTV = constrain(logits_BTV, _BTV)
         if cache is None:
             return logits_BTV, None
         return logits_BTV, {"k": kv_L[0], "v": kv_L[1], "index": cache["index"] + T}

@@ -1,7 +1,8 @@
 """Device mesh, the logical-axis rules table, and the shardings of parameters, optimizer state and batches.
 
 Sharding is decided here and nowhere else. The model names the logical axes of each parameter
-(`qwenjax.model.logical_axes`); `LOGICAL_AXIS_RULES` maps each logical axis to mesh axes:
+(`qwenjax.model.logical_axes`) and of its activations (`qwenjax.model.constrain`, active inside
+`activation_sharding`); `LOGICAL_AXIS_RULES` maps each logical axis to mesh axes:
 
     mesh axes: data (pure data parallel: params replicated), fsdp (data parallel with params and
                optimizer state sharded, ZeRO-3 style), tensor (Megatron-style splits of heads and MLP)
@@ -16,6 +17,7 @@ its own rows of each global batch (`global_batch`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -29,13 +31,15 @@ from jax.sharding import PartitionSpec as P
 
 from qwenjax.config import ModelConfig
 from qwenjax.errors import UserError
-from qwenjax.model import logical_axes
+from qwenjax.model import ACTIVATION_CONSTRAINT, logical_axes
 
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# THE table: logical axis -> mesh axes (None = replicated). Batch is split over both data-parallel axes.
+# THE table: logical axis -> mesh axes (None = replicated), for parameters and activations alike. Batch is
+# split over both data-parallel axes; an axis takes only mesh axes no earlier dimension took, so an activation
+# [batch, length, embed] is split by rows only, while an [embed, mlp] kernel is split over fsdp x tensor.
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
     "length": None,
@@ -210,6 +214,26 @@ def state_shardings(abstract_state, mesh: Mesh, config: ModelConfig | None = Non
         return NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, config, name="/".join(keys)))
 
     return jax.tree_util.tree_map_with_path(sharding, abstract_state)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, config: ModelConfig | None = None):
+    """Within this block, `qwenjax.model.constrain(x, axes)` pins activations to the rules table on `mesh`
+    (wrap the tracing: `jit(...).lower`). Without the pins, GSPMD propagates the embedding table's
+    [vocab: tensor, embed: fsdp] layout into the token embeddings, whose rows are already split over fsdp,
+    and must replicate them to undo it (XLA's "involuntary full rematerialization"). Nothing on one device."""
+    if mesh.size == 1:
+        yield
+        return
+
+    def pin(x, axes):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, config)))
+
+    token = ACTIVATION_CONSTRAINT.set(pin)
+    try:
+        yield
+    finally:
+        ACTIVATION_CONSTRAINT.reset(token)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

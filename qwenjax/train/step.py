@@ -150,9 +150,11 @@ def compiled_train_step(model_cfg: ModelConfig, static: StepStatic, mesh, batch_
         batch_sh = sharding.batch_sharding(mesh)
         fn = jax.jit(static_step(static, model_cfg), in_shardings=(state_sh, batch_sh, rep),
                      out_shardings=(state_sh, rep), donate_argnums=(0,))
-        return fn.lower(abstract_with_shardings(abstract, state_sh),
-                        abstract_batch(batch_size, seq_len, batch_sh, static.objective),
-                        _abstract_hp(static.objective, rep)).compile()
+        with sharding.activation_sharding(mesh, model_cfg):
+            lowered = fn.lower(abstract_with_shardings(abstract, state_sh),
+                               abstract_batch(batch_size, seq_len, batch_sh, static.objective),
+                               _abstract_hp(static.objective, rep))
+        return lowered.compile()
 
     return cached(("train", model_cfg, static, mesh, batch_size, seq_len), build)
 
@@ -167,8 +169,10 @@ def compiled_eval_step(model_cfg: ModelConfig, mesh, batch_size: int, seq_len: i
         fn = jax.jit(functools.partial(eval_step, model_cfg=model_cfg, objective=objective,
                                        attention_impl=attention_impl),
                      in_shardings=(param_sh, batch_sh), out_shardings=sharding.replicated(mesh))
-        return fn.lower(abstract_with_shardings(abstract, param_sh),
-                        abstract_batch(batch_size, seq_len, batch_sh, objective)).compile()
+        with sharding.activation_sharding(mesh, model_cfg):
+            lowered = fn.lower(abstract_with_shardings(abstract, param_sh),
+                               abstract_batch(batch_size, seq_len, batch_sh, objective))
+        return lowered.compile()
 
     return cached(("eval", model_cfg, mesh, batch_size, seq_len, objective, attention_impl), build)
 
