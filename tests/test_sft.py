@@ -150,3 +150,8 @@ def test_sft_tiny_run_loss_falls(chat_file, qwenjax_cache, tmp_path):
     assert summary["status"] == "ok" and len(losses) >= 5
     assert losses[-1] < 0.6 * losses[0], losses
     assert summary["eval_loss"] < 0.6 * summary["initial_loss"], summary
+    # a second stage from it (model.init_from, the stage's own tokenizer): starts where the first ended
+    tok = run / "model" / "tokenizer.model"
+    chained = train(sft_config(chat_file, qwenjax_cache, tmp_path / "stage2", "train.steps=2",
+                               f"model.init_from={run}", f"data.tokenizer={tok}"))
+    assert chained["initial_loss"] < 0.6 * summary["initial_loss"], chained
