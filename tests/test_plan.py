@@ -86,3 +86,13 @@ ENTRY %main (a: f32[4,2]) -> f32[8,2] {
 def test_collective_bytes_multiplies_while_bodies_by_their_trip_count():
     got = collective_bytes(HLO)
     assert got["all-gather"] == 64 and got["all-reduce"] == 24 * 32 and got["total"] == 64 + 24 * 32
+
+
+def test_search_when_it_does_not_fit(run_cli, qwenjax_cache):
+    # one device: runs in this process; 1 MiB holds nothing, so full remat fails and grad_accum doubles
+    status, out, err = run_cli("plan", TINY, f"data.cache_dir={qwenjax_cache}", "train.batch_size=4",
+                               "--devices", "1", "--hbm", "1MiB", "--max-compiles", "2")
+    assert status == 0, err
+    search = json.loads(out)["search"]
+    assert [(t["remat"], t["grad_accum"]) for t in search["tried"]] == [("full", 1), ("full", 2)]
+    assert search["fits_with"] is None and not any(t["fits"] for t in search["tried"])

@@ -145,30 +145,43 @@ def compile_candidate(cfg: RunConfig, mesh, remat: str, grad_accum: int, attenti
 
 
 def _search(cfg, mesh, first: dict, hbm: int, attention_impl: str, dp: int, max_compiles: int) -> dict:
-    """Remat policies from the config's on, then (with full remat) double grad_accum, halving the
-    micro-batch; stops at the first candidate that fits or after `max_compiles` compiles."""
-    B = cfg.train.batch_size
+    """Full remat first (the most one compile can save). If it fits, the milder policies from there towards
+    the config's, keeping the mildest that fits; if not, full remat with grad_accum doubled (the global
+    batch kept, the micro-batch halved) until it fits. At most `max_compiles` compiles."""
+    B, k = cfg.train.batch_size, first["grad_accum"]
     start = REMAT_ORDER.index(first["remat"]) if first["remat"] in REMAT_ORDER else 0
-    todo = [(r, first["grad_accum"]) for r in REMAT_ORDER[start + 1:]]
-    k = first["grad_accum"]
-    while B % (2 * k) == 0 and (B // (2 * k)) % dp == 0:
-        k *= 2
-        todo.append(("full", k))
-    tried, found = [], None
-    for remat, accum in todo[:max_compiles]:
+    milder = list(reversed(REMAT_ORDER[start + 1:-1]))
+    tried: list[dict] = []
+
+    def fits(remat: str, accum: int) -> bool:
         try:
             c = compile_candidate(cfg, mesh, remat, accum, attention_impl)
         except UserError as e:
             tried.append({"remat": remat, "grad_accum": accum, "error": str(e)})
-            continue
+            return False
         tried.append({"remat": remat, "grad_accum": accum, "micro_batch_per_replica": B // accum // dp,
                       "peak_bytes": c["peak_bytes"], "fits": c["peak_bytes"] <= hbm, "compile_s": c["compile_s"]})
-        if c["peak_bytes"] <= hbm:
-            found = {"overrides": [f"train.remat={remat}", f"train.grad_accum={accum}"], **tried[-1]}
-            break
-    left = len(todo) - len(tried) if found is None else 0
-    return {"tried": tried, "fits_with": found, "untried_candidates": max(left, 0),
-            "order": "remat " + " > ".join(REMAT_ORDER) + ", then grad_accum x2 (global batch kept) with full"}
+        return tried[-1]["fits"]
+
+    found = None
+    if first["remat"] != "full" and fits("full", k):
+        found = tried[-1]
+        for remat in milder:
+            if len(tried) >= max_compiles or not fits(remat, k):
+                break
+            found = tried[-1]
+    else:
+        while len(tried) < max_compiles and B % (2 * k) == 0 and (B // (2 * k)) % dp == 0:
+            k *= 2
+            if fits("full", k):
+                found = tried[-1]
+                break
+    if found:
+        found = {"overrides": [f"train.remat={found['remat']}", f"train.grad_accum={found['grad_accum']}"],
+                 **found}
+    return {"tried": tried, "fits_with": found, "max_compiles": max_compiles,
+            "order": "full remat; if it fits, milder policies (" + " > ".join(REMAT_ORDER) + ") while they "
+                     "fit; if not, full remat with grad_accum x2 (global batch kept)"}
 
 
 def plan(cfg: RunConfig, devices: int, *, hbm: int | None = None, topo: dict | None = None,
