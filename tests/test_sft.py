@@ -155,3 +155,22 @@ def test_sft_tiny_run_loss_falls(chat_file, qwenjax_cache, tmp_path):
     chained = train(sft_config(chat_file, qwenjax_cache, tmp_path / "stage2", "train.steps=2",
                                f"model.init_from={run}", f"data.tokenizer={tok}"))
     assert chained["initial_loss"] < 0.6 * summary["initial_loss"], chained
+
+
+def test_sft_resume_is_exact(chat_file, qwenjax_cache, tmp_path, caplog):
+    """The chat iterator's state goes into the checkpoint: 3 steps + 3 resumed steps = 6 steps straight."""
+    import logging
+
+    from qwenjax.train import train
+
+    common = ["optim.schedule=constant", "optim.warmup_steps=0", "train.log_every=1", "eval.batches=1"]
+    train(sft_config(chat_file, qwenjax_cache, tmp_path / "straight", "train.steps=6", *common))
+    train(sft_config(chat_file, qwenjax_cache, tmp_path / "split", "train.steps=3", *common))
+    with caplog.at_level(logging.INFO, logger="qwenjax"):
+        train(sft_config(chat_file, qwenjax_cache, tmp_path / "split", "train.steps=6", *common))
+    assert "from step 3" in caplog.text
+
+    def losses(run):
+        return [json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(losses("straight")) == 6 and losses("split") == losses("straight")
