@@ -35,7 +35,7 @@ def test_plan_0_5b_on_8_devices_matches_the_analytic_parameter_bytes():
     assert out["flops"]["model_per_step"] == flops_per_token(PRESETS["qwen2.5-0.5b"], T) * B * T
     assert out["flops"]["xla_per_device"] > 0
     assert out["collectives_per_step"]["total"] > 0
-    assert out["attention"] == {**out["attention"], "requested": "auto", "lowered": "blockwise"}
+    assert out["attention"] == {**out["attention"], "requested": "auto", "lowered": "flash"}
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -7,8 +7,8 @@ cost analysis the FLOPs, and the optimized HLO the collectives (`train/hlo.py`).
 
 Caveats, also written into the JSON: XLA:CPU is not the TPU/GPU compiler (its fusion and buffer
 assignment differ, and it computes bf16 matmuls in float32, so temporaries are an upper estimate);
-cudnn/splash attention cannot lower on CPU, so the plan lowers `blockwise` (which keeps the score blocks
-for the backward pass, where the flash kernels keep none); XLA's cost analysis counts a while loop's
+cudnn/splash attention cannot lower on CPU, so the plan lowers `flash` (attention_flash.py: memory-linear
+like them); XLA's cost analysis counts a while loop's
 body once, so with scanned layers its FLOPs are about one layer's worth of the layer stack.
 
 Devices: `jax_num_cpu_devices` must be set before JAX starts its backends. `host_devices(n)` does that
@@ -107,13 +107,15 @@ def host_devices(n: int) -> bool:
 
 
 def _attention(requested: str) -> dict[str, str]:
-    if requested in ("reference", "blockwise"):
+    """cudnn and splash cannot lower on CPU: `flash` (memory-linear, saves only the output and the
+    log-sum-exp for the backward pass, as they do) stands in for them and for `auto`."""
+    if requested in ("reference", "blockwise", "flash"):
         return {"requested": requested, "lowered": requested, "note": "the kernel the run would use"}
-    note = ("cudnn and splash need their GPU/TPU; lowered blockwise, which keeps score blocks for the "
-            "backward pass (the flash kernels keep none), so activations here are an upper estimate")
+    note = ("cudnn and splash need their GPU/TPU; lowered flash, which like them keeps only the output and "
+            "the log-sum-exp for the backward pass, so activations match in size, not in layout")
     if requested == "auto":
-        note = "auto picks cudnn on a GPU, splash on a TPU, blockwise on CPU; " + note
-    return {"requested": requested, "lowered": "blockwise", "note": note}
+        note = "auto picks cudnn on a GPU, splash on a TPU (blockwise on CPU); " + note
+    return {"requested": requested, "lowered": "flash", "note": note}
 
 
 def _shard_bytes(tree, shardings) -> int:
