@@ -71,7 +71,7 @@ def row(p: dict) -> str:
 
 def _commit() -> str:
     r = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
-    return r.stdout.strip() or "unknown"
+    return r.stdout.strip() or os.environ.get("QWENJAX_COMMIT", "unknown")  # a `git archive` export has no .git
 
 
 def table(plans: list[dict], total_s: float, commit: str) -> str:
@@ -84,6 +84,16 @@ def table(plans: list[dict], total_s: float, commit: str) -> str:
     return "\n".join(lines)
 
 
+def write(plans: list[dict], total_s: float, commit: str) -> None:
+    """The raw plans and the table so far (rewritten after each size, so a long run leaves partial results)."""
+    RAW.write_text("".join(json.dumps(p) + "\n" for p in plans))
+    text = DOC.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{DOC} has no {START} ... {END} markers")
+    before, rest = text.split(START, 1)
+    DOC.write_text(before + START + "\n" + table(plans, total_s, commit) + "\n" + END + rest.split(END, 1)[1])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-compiles", type=int, default=4)
@@ -94,14 +104,8 @@ def main() -> int:
     for size in args.only.split(","):
         plans.append(run_plan(size, args.max_compiles))
         print(f"{size}: {plans[-1]['wall_s']} s, fits={plans[-1]['fits']}", file=sys.stderr, flush=True)
-    total = time.perf_counter() - t0
-    RAW.write_text("".join(json.dumps(p) + "\n" for p in plans))
-    text = DOC.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{DOC} has no {START} ... {END} markers")
-    before, rest = text.split(START, 1)
-    DOC.write_text(before + START + "\n" + table(plans, total, commit) + "\n" + END + rest.split(END, 1)[1])
-    print(f"wrote {DOC.relative_to(ROOT)} ({total:.0f} s)", file=sys.stderr)
+        write(plans, time.perf_counter() - t0, commit)
+    print(f"wrote {DOC.relative_to(ROOT)} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return 0
 
 
