@@ -30,6 +30,7 @@ ALLOWED = {
     "data": {"errors", "jsonl", "run_config", "run_sections", "config"},
     "train": {"attention", "config", "data", "errors", "jsonl", "lock", "model", "model_io", "run_config",
               "run_sections", "signals"},
+    "evals": {"config", "data", "errors", "hf", "model", "model_io", "run_config", "train"},
 }
 
 
