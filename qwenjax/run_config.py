@@ -35,6 +35,7 @@ from qwenjax.run_sections import (
     AttentionSection,
     CheckpointSection,
     DataSection,
+    DPOSection,
     EvalSection,
     MeshSection,
     ModelSection,
@@ -66,6 +67,7 @@ class RunConfig:
     data: DataSection = dataclasses.field(default_factory=DataSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     attention: AttentionSection = dataclasses.field(default_factory=AttentionSection)
+    dpo: DPOSection = dataclasses.field(default_factory=DPOSection)
     hparams: dict[str, Any] | None = None
 
     def __post_init__(self):

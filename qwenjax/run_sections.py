@@ -17,7 +17,8 @@ SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "1-sqrt")
 ATTENTION_IMPLS = ("auto", "reference", "blockwise", "flash", "cudnn", "splash")  # auto + qwenjax.attention.KERNELS
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "offload")  # none + qwenjax.model's
-OBJECTIVE_NAMES = ("next_token", "sft")  # = qwenjax.train.objectives.OBJECTIVES (tests/test_sft.py)
+OBJECTIVE_NAMES = ("next_token", "sft", "dpo")  # = qwenjax.train.objectives.OBJECTIVES (tests/test_sft.py)
+DPO_LOSSES = ("sigmoid", "ipo")  # = qwenjax.train.dpo.LOSSES
 DATA_FORMATS = ("auto", "text", "chat")  # auto: chat for train.objective sft or JSONL with "messages"
 
 
@@ -248,6 +249,26 @@ class AttentionSection:
         if self.impl not in ATTENTION_IMPLS:
             raise UserError(f"attention.impl must be one of {', '.join(ATTENTION_IMPLS)}, got {self.impl!r}"
                             + did_you_mean(self.impl, ATTENTION_IMPLS))
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOSection:
+    """train.objective dpo (qwenjax.train.dpo, docs/post-training.md): beta scales the implicit reward,
+    loss is sigmoid (DPO) or ipo, label_smoothing (sigmoid only) the assumed fraction of flipped labels."""
+
+    beta: float = 0.1
+    loss: str = "sigmoid"
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.loss not in DPO_LOSSES:
+            raise UserError(f"dpo.loss must be one of {', '.join(DPO_LOSSES)}, got {self.loss!r}"
+                            + did_you_mean(str(self.loss), DPO_LOSSES))
+        if isinstance(self.beta, bool) or not isinstance(self.beta, int | float) or not 0 < self.beta < float("inf"):
+            raise UserError(f"dpo.beta must be a positive number, got {self.beta!r}")
+        eps = self.label_smoothing
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 <= eps < 0.5:
+            raise UserError(f"dpo.label_smoothing must be in [0, 0.5), got {eps!r}")
 
 
 def positive(key: str, value) -> None:

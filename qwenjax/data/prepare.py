@@ -25,6 +25,7 @@ from qwenjax.data.cache import TokenCache, build_token_cache
 from qwenjax.data.chat import is_chat_file, read_conversations, render
 from qwenjax.data.chat_batches import ChatCache, build_chat_cache
 from qwenjax.data.corpus import default_corpus_files, resolve_files
+from qwenjax.data.pair_batches import PairCache, build_pair_cache, read_pairs
 from qwenjax.data.tokenizer import train_tokenizer
 from qwenjax.errors import UserError
 from qwenjax.run_config import RunConfig
@@ -42,6 +43,7 @@ class DataSetup:
     vocab_size: int
     eos_id: int
     chat: ChatCache | None = None  # chat data (docs/post-training.md): caches == [chat], batches from it
+    pairs: PairCache | None = None  # preference pairs (train.objective dpo): caches == [pairs]
 
 
 def limit_files(files: list[Path], max_bytes: int | None) -> list[Path]:
@@ -90,6 +92,8 @@ def prepare_data(cfg: RunConfig) -> DataSetup:
         if not files:
             raise UserError(f"data path {path} holds no files")
         sources.append((path, files, weight))
+    if cfg.train.objective == "dpo":
+        return prepare_pairs(cfg, sources)
     if is_chat(cfg, [f for _, files, _ in sources for f in files]):
         return prepare_chat(cfg, sources)
     if d.tokenizer:
@@ -147,6 +151,34 @@ def prepare_chat(cfg: RunConfig, sources: list) -> DataSetup:
                                      truncate=d.truncate).rows_of_epoch(0)), cfg.train.seq_len)
     assert_same_everywhere(chat.tokenizer_fingerprint + chat.key, "tokenizer / chat cache")
     return DataSetup(tok_path, [chat], [1.0], chat.vocab_size, chat.eos_id, chat)
+
+
+def prepare_pairs(cfg: RunConfig, sources: list) -> DataSetup:
+    """Preference pairs (docs/post-training.md, "DPO"): one source; the tokenizer (when not given, which a DPO
+    stage after SFT should not do) is trained on the rendered prompt + answer texts."""
+    d = cfg.data
+    if len(sources) != 1:
+        raise UserError("train.objective dpo takes one data.path (a JSONL file of pairs), not data.sources")
+    files = sources[0][1]
+    cache_root = d.resolved_cache_dir()
+    if d.tokenizer:
+        tok_path = Path(d.tokenizer).expanduser()
+    else:
+        key = hashlib.sha256(json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns]
+                                         for f in files]).encode()).hexdigest()[:20]
+        text = cache_root / "pairs-text" / f"{key}.txt"
+        if not text.is_file():
+            text.parent.mkdir(parents=True, exist_ok=True)
+            tmp = text.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text("".join(render([*m, {"role": "assistant", "content": a}])[0]
+                                   for _, _, m, c, r in read_pairs(files) for a in (c, r)), encoding="utf-8")
+            os.replace(tmp, text)
+        tok_path = ensure_tokenizer([text], d.vocab_size, cache_root)
+    pairs = build_pair_cache(files, tok_path, cache_root / "pairs", heldout_fraction=d.heldout_fraction)
+    pairs.check_lengths(cfg.train.seq_len, d.truncate)
+    log.info("pairs: %d training, %d held out", pairs.num("train"), pairs.num("heldout"))
+    assert_same_everywhere(pairs.tokenizer_fingerprint + pairs.key, "tokenizer / pair cache")
+    return DataSetup(tok_path, [pairs], [1.0], pairs.vocab_size, pairs.eos_id, pairs=pairs)
 
 
 def assert_same_everywhere(text: str, what: str) -> None:

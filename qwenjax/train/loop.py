@@ -41,6 +41,7 @@ from qwenjax.train import metrics as qmetrics
 from qwenjax.train import sharding
 from qwenjax.train.checkpoint import Checkpointer, abstract_with_shardings
 from qwenjax.train.interrupt import interrupted, run_dir_lock, steps, stop_check
+from qwenjax.train.objectives import objective_of
 from qwenjax.train.run_dir import (
     finished_summary,
     fork_steps,
@@ -196,6 +197,7 @@ def run_steps(setup: RunSetup, stepper, members: list[Member], progress: Progres
             record = {"step": record_step, "loss": float(values["loss"]), "lr": float(values["lr"]),
                       "grad_norm": float(values["grad_norm"]), "tokens": record_step * B * T,
                       "tokens_per_s": tokens_per_s / P, "mfu": tokens_per_s * setup.fpt / setup.peak}
+            record.update({k: float(v) for k, v in values.items() if k not in record})  # an objective's own
             if m.diverged_step is not None:
                 stepper.freeze(i)
                 m.logger.message(f"diverged at step {m.diverged_step}: loss {record['loss']:.4g} (initial "
@@ -277,9 +279,10 @@ def _train(cfg: RunConfig, run_dir: Path, forks_at: dict, should_stop: Callable,
     setup = setup_run(cfg)  # all validation before anything is written to the run directory
     mesh, model_cfg = setup.mesh, setup.model_cfg
     B, T = cfg.train.batch_size, cfg.train.seq_len
-    static = make_step_static(cfg)
+    objective = objective_of(cfg)
+    static = make_step_static(cfg, objective)
     rep = sharding.replicated(mesh)
-    hp = jax.device_put(make_hparams(cfg), rep)
+    hp = jax.device_put(make_hparams(cfg, objective), rep)
     abstract = abstract_state(model_cfg)
     state_sh = sharding.state_shardings(abstract, mesh, model_cfg)
     # The key as a replicated global array (Orbax saves only global arrays in multi-process runs).
@@ -300,6 +303,10 @@ def _train(cfg: RunConfig, run_dir: Path, forks_at: dict, should_stop: Callable,
     else:
         start_step = 0
         state = initial_state(cfg, model_cfg, jax.random.key(cfg.seed), mesh, state_sh)
+    if objective.needs_reference:  # frozen: the stage's starting params (model.init_from), never checkpointed
+        ref = (jax.tree.map(jnp.copy, state["params"]) if restored is None else
+               initial_state(cfg, model_cfg, jax.random.key(cfg.seed), mesh, state_sh)["params"])
+        state = {**state, "ref_params": ref}
     origin = {k: meta[k] for k in ("fork_of", "fork_step", "init_from") if k in meta}
     if restored is None and cfg.model.init_from:
         origin["init_from"] = str(Path(cfg.model.init_from).expanduser().resolve())
@@ -405,6 +412,8 @@ def train_population(run_cfgs: Sequence[RunConfig], strategy: str = "map") -> li
     cfgs = list(run_cfgs)
     if sharding.mesh_from_config(cfgs[0].mesh).devices.size != 1:
         raise ValueError("populations train on one device; this mesh has several")
+    if objective_of(cfgs[0]).needs_reference:
+        raise UserError(f"train.objective {cfgs[0].train.objective} is not supported in a population; train each run")
     with contextlib.ExitStack() as held:  # the members' run dirs, locked until their summaries are written
         for c in cfgs:
             held.enter_context(DirLock(Path(c.run_dir).expanduser(), "run_dir"))

@@ -28,6 +28,7 @@ from qwenjax import model as qmodel
 from qwenjax.config import ModelConfig
 from qwenjax.data import BATCH_DTYPES
 from qwenjax.run_config import RunConfig
+from qwenjax.train.dpo import DPOLoss
 
 #: the batch schema of packed next-token data (what qwenjax.data yields), with each array's dtype
 TOKEN_BATCH = BATCH_DTYPES
@@ -74,7 +75,14 @@ class NextTokenLoss:
 NEXT_TOKEN = NextTokenLoss()
 #: `train.objective` -> objective. SFT is next-token loss over the loss mask, which chat batches set to the
 #: assistant tokens (qwenjax.data.chat), so it is the same objective (and the same compiled step).
-OBJECTIVES = {NEXT_TOKEN.name: NEXT_TOKEN, "sft": NEXT_TOKEN}
+OBJECTIVES = {NEXT_TOKEN.name: NEXT_TOKEN, "sft": NEXT_TOKEN, "dpo": DPOLoss()}
+
+
+def objective_of(run_cfg: RunConfig):
+    """The objective a run config names (`train.objective`), with its static settings (DPO: `dpo.loss`)."""
+    if run_cfg.train.objective == "dpo":
+        return DPOLoss(loss=run_cfg.dpo.loss)
+    return OBJECTIVES[run_cfg.train.objective]
 
 
 def mean_gradients(params, batch, hp, *, model_cfg: ModelConfig, grad_accum: int = 1,

@@ -20,6 +20,7 @@ from qwenjax.run_config import RunConfig, model_config
 from qwenjax.train import metrics as qmetrics
 from qwenjax.train import sharding
 from qwenjax.train.compile import setup_compilation_cache
+from qwenjax.train.objectives import objective_of
 from qwenjax.train.step import compiled_eval_step
 
 
@@ -60,10 +61,11 @@ def setup_run(cfg: RunConfig) -> RunSetup:
     block, n_blocks = sharding.process_batch_block(mesh, B)
     eval_bs = B // k
     e_block, e_blocks = sharding.process_batch_block(mesh, eval_bs)
-    if data.chat is not None:  # conversations packed whole, loss on assistant tokens (docs/post-training.md)
-        train_iter = data.chat.train_iterator(seq_len=T, global_batch_size=B, seed=cfg.seed,
+    source = data.pairs if data.pairs is not None else data.chat  # pairs: one row per pair (train.objective dpo)
+    if source is not None:  # conversations packed whole, loss on assistant tokens (docs/post-training.md)
+        train_iter = source.train_iterator(seq_len=T, global_batch_size=B, seed=cfg.seed,
                                               truncate=cfg.data.truncate, process_index=block, process_count=n_blocks)
-        eval_sets = [[sharding.global_batch(b, mesh, eval_bs) for b in data.chat.eval_batches(
+        eval_sets = [[sharding.global_batch(b, mesh, eval_bs) for b in source.eval_batches(
             seq_len=T, batch_size=eval_bs, num_batches=cfg.eval.num_batches(eval_bs), truncate=cfg.data.truncate,
             process_index=e_block, process_count=e_blocks)]]
     else:
@@ -72,7 +74,7 @@ def setup_run(cfg: RunConfig) -> RunSetup:
         eval_sets = [[sharding.global_batch(b, mesh, eval_bs) for b in make_eval_batches(
             c, seq_len=T, batch_size=eval_bs, num_batches=cfg.eval.num_batches(eval_bs), process_index=e_block,
             process_count=e_blocks)] for c in data.caches]
-    eval_fn, compile_eval_s = compiled_eval_step(model_cfg, mesh, eval_bs, T,
+    eval_fn, compile_eval_s = compiled_eval_step(model_cfg, mesh, eval_bs, T, objective_of(cfg),
                                                  attention_impl=cfg.attention.impl)
     peak, peak_source = qmetrics.peak_flops(mesh.devices.flat)
     return RunSetup(cfg, mesh, data, model_cfg, train_iter, eval_sets, eval_fn, compile_eval_s,

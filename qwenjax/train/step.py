@@ -124,7 +124,8 @@ def abstract_state(model_cfg: ModelConfig):
 
 
 def abstract_batch(batch_size: int, seq_len: int, shard=None, objective=NEXT_TOKEN) -> dict:
-    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), TOKEN_BATCH[k], sharding=shard)
+    dtypes = dict(getattr(objective, "batch_dtypes", None) or TOKEN_BATCH)  # an objective's own schema (DPO)
+    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dtypes[k], sharding=shard)
             for k in objective.batch_keys}
 
 
