@@ -112,7 +112,7 @@ def bench_train(cfg: RunConfig, *, steps: int = 3, rounds: int = 3, with_torch: 
     for _ in range(rounds):
         for name, side in sides.items():
             times[name].append(side.run(steps) / steps)
-    peak, peak_source = peak_flops()
+    peak, peak_source = peak_flops(dtype=model_cfg.dtype)
     flops_tok = flops_per_token(model_cfg, T)
     out: dict[str, Any] = {
         "bench": "train", "n_params_total": None, "vocab_size": model_cfg.vocab_size,

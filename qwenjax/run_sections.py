@@ -48,10 +48,14 @@ class ModelSection:
     sliding_window: int | None = None
     max_window_layers: int | None = None
     initializer_range: float | None = None
-    dtype: str | None = None
+    dtype: str | None = None  # compute dtype; None = auto: bfloat16 on GPU/TPU, float32 on CPU (train.setup)
     param_dtype: str | None = None
     scan_layers: bool | None = None  # layers under lax.scan (stacked params); None: from the depth (config.py)
     init_from: str | None = None
+
+    def __post_init__(self):
+        if self.dtype == "auto":  # the same as unset; a run resolves it per platform before saving its config
+            object.__setattr__(self, "dtype", None)
 
 
 _WANDB_WORDS = {"auto": "auto", "true": "true", "1": "true", "yes": "true", "on": "true",

@@ -52,7 +52,7 @@ from qwenjax.train.run_dir import (
     write_model,
     write_summary,
 )
-from qwenjax.train.setup import RunSetup, setup_run
+from qwenjax.train.setup import RunSetup, resolve_dtype, setup_run
 from qwenjax.train.start import initial_state
 from qwenjax.train.step import (
     abstract_state,
@@ -259,6 +259,7 @@ def train(cfg: RunConfig, forks: Sequence[RunConfig] = ()) -> dict[str, Any]:
     """
     t_start = time.perf_counter()
     sharding.maybe_initialize_distributed()
+    cfg, forks = resolve_dtype(cfg), [resolve_dtype(f) for f in forks]  # model.dtype auto -> this platform's
     unset = missing_keys(cfg)
     if unset:
         raise UserError(f"{unset[0]} is not set (the config has ???); pass {unset[0]}=VALUE")
@@ -414,6 +415,7 @@ def train_population(run_cfgs: Sequence[RunConfig], strategy: str = "map") -> li
         raise ValueError("populations train on one device; this mesh has several")
     if objective_of(cfgs[0]).needs_reference:
         raise UserError(f"train.objective {cfgs[0].train.objective} is not supported in a population; train each run")
+    cfgs = [resolve_dtype(c) for c in cfgs]
     with contextlib.ExitStack() as held:  # the members' run dirs, locked until their summaries are written
         for c in cfgs:
             held.enter_context(DirLock(Path(c.run_dir).expanduser(), "run_dir"))

@@ -5,8 +5,9 @@ Every logged step appends one JSON object `{step, loss, lr, grad_norm, tokens, t
 partial last line, which `read_metrics` skips. On resume the lines after the restored step are dropped.
 
 MFU = model FLOPs actually achieved (`qwenjax.config.flops_per_token` x tokens/s, training = 3 x forward)
-over the peak of the devices: from a table of dense bf16 peaks per TPU/GPU chip, or on CPU from a float32
-matmul measured once per process (there is no meaningful spec sheet for a shared CPU).
+over the peak of the devices: from a table of dense peaks per TPU/GPU chip for the model's compute dtype
+(`PEAKS`), or on CPU from a float32 matmul measured once per process (there is no meaningful spec sheet for
+a shared CPU).
 """
 
 from __future__ import annotations
@@ -28,28 +29,46 @@ from qwenjax.jsonl import read as read_metrics  # the metrics file's reader (a t
 
 log = logging.getLogger(__name__)
 
-# Dense peak FLOP/s per device (bf16 / fp16 tensor cores; the matching device_kind substrings, lowercase).
-# TPU v2/v3 expose one device per core, later generations one per chip.
-PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ("tpu v6", 918e12),  # v6e (Trillium); device_kind "TPU v6 lite"
-    ("tpu v5p", 459e12),
-    ("tpu v5 lite", 197e12),  # v5e
-    ("tpu v5e", 197e12),
-    ("tpu v5", 459e12),
-    ("tpu v4", 275e12),
-    ("tpu v3", 61.5e12),
-    ("tpu v2", 22.5e12),
-    ("gb200", 2500e12),
-    ("b200", 2250e12),
-    ("h200", 989e12),
-    ("h100", 989e12),  # SXM; PCIe parts are lower (756e12)
-    ("gh200", 989e12),
-    ("a100", 312e12),
-    ("l40s", 362e12),
-    ("l4", 121e12),
-    ("a10", 125e12),
-    ("v100", 125e12),
-)
+# Dense peak FLOP/s per JAX device: (bfloat16, float32 as JAX runs a float32 matmul by default), keyed by a
+# lowercase substring of `jax.devices()[0].device_kind`; the longest matching key wins ("tpu v5 lite" over
+# "tpu v5", "gh200" over "h200", "a100" over "a10"). TPUs run default-precision float32 matmuls as one bf16
+# pass, so both columns are equal there; NVIDIA GPUs from Ampere on use TF32 tensor cores (half the bf16
+# rate), V100 has no TF32. TPU v2/v3 expose one device per core, later generations one per chip.
+PEAKS: dict[str, tuple[float, float]] = {
+    "tpu v6": (918e12, 918e12),  # v6e (Trillium): device_kind "TPU v6 lite"
+    "tpu v5p": (459e12, 459e12),
+    "tpu v5 lite": (197e12, 197e12),  # v5e
+    "tpu v5e": (197e12, 197e12),
+    "tpu v5": (459e12, 459e12),  # v5p reports "TPU v5"
+    "tpu v4": (275e12, 275e12),
+    "tpu v3": (61.5e12, 61.5e12),
+    "tpu v2": (22.5e12, 22.5e12),
+    "gb200": (2500e12, 1250e12),
+    "b200": (2250e12, 1100e12),
+    "gh200": (989e12, 494e12),
+    "h200": (989e12, 494e12),
+    "h100": (989e12, 494e12),  # SXM
+    "h100 pcie": (756e12, 378e12),
+    "a100": (312e12, 156e12),
+    "l40s": (362e12, 183e12),
+    "l4": (121e12, 60e12),
+    "a10": (125e12, 62.5e12),
+    "v100": (125e12, 15.7e12),  # fp16 tensor cores (no bf16, no TF32)
+}
+#: the bf16 column alone, as (key, FLOP/s) pairs (what `qwenjax plan` reads)
+PEAK_FLOPS: tuple[tuple[str, float], ...] = tuple((k, bf16) for k, (bf16, _) in PEAKS.items())
+
+
+def table_peak(device_kind: str, dtype: str = "bfloat16") -> tuple[str, float] | None:
+    """(matched key, peak FLOP/s of one device) for a device_kind and compute dtype (float32: the second
+    column; bfloat16 and float16: the first), or None when no key matches."""
+    kind = device_kind.lower()
+    keys = [k for k in PEAKS if k in kind]
+    if not keys:
+        return None
+    key = max(keys, key=len)
+    return key, PEAKS[key][1 if dtype == "float32" else 0]
+
 
 _CPU_PEAK: float | None = None
 
@@ -71,27 +90,29 @@ def cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     return _CPU_PEAK
 
 
-def peak_flops(devices=None) -> tuple[float, str]:
-    """(peak FLOP/s of all `devices` together, where the number comes from).
+def peak_flops(devices=None, dtype: str = "bfloat16") -> tuple[float, str]:
+    """(peak FLOP/s of all `devices` together for matmuls in `dtype` (the model's compute dtype), where the
+    number comes from).
 
     QWENJAX_PEAK_FLOPS (per device) overrides. On CPU, all local CPU devices share the same cores, so the
-    peak is one measured matmul per process, not per device.
+    peak is one measured float32 matmul per process, not per device. An unknown accelerator gives NaN (the
+    MFU is then null) and says so.
     """
     devices = list(devices if devices is not None else jax.devices())
     override = os.environ.get("QWENJAX_PEAK_FLOPS")
     if override:
         return float(override) * len(devices), "QWENJAX_PEAK_FLOPS"
-    kind = devices[0].device_kind.lower()
     if devices[0].platform == "cpu":
         processes = len({d.process_index for d in devices})
         per_process = cpu_matmul_flops()
         source = f"measured CPU float32 matmul, {per_process / 1e9:.1f} GFLOP/s per process"
         return per_process * processes, source
-    for key, flops in PEAK_FLOPS:
-        if key in kind:
-            source = f"table: {devices[0].device_kind}, {flops / 1e12:g} TFLOP/s x {len(devices)}"
-            return flops * len(devices), source
-    return math.nan, f"unknown device kind {devices[0].device_kind!r} (set QWENJAX_PEAK_FLOPS)"
+    row = table_peak(devices[0].device_kind, dtype)
+    if row is None:
+        return math.nan, f"unknown device kind {devices[0].device_kind!r} (set QWENJAX_PEAK_FLOPS)"
+    key, flops = row
+    source = f"table: {devices[0].device_kind} ({key}, {dtype}), {flops / 1e12:g} TFLOP/s x {len(devices)}"
+    return flops * len(devices), source
 
 
 def _summary_writer_class():

@@ -44,6 +44,16 @@ class RunSetup:
         return heldout_loss(self.eval_fn, params, self.eval_sets, self.data.weights)
 
 
+def resolve_dtype(cfg: RunConfig, platform: str | None = None) -> RunConfig:
+    """`model.dtype` unset (or auto) -> bfloat16 compute on GPU/TPU (their matmul units), float32 on CPU
+    (where bfloat16 is emulated and slower). Parameters and Adam moments stay `model.param_dtype` (float32
+    master weights). The trainer calls this before it saves config.yaml, so the file holds the value used."""
+    if cfg.model.dtype is not None:
+        return cfg
+    platform = platform or jax.default_backend()
+    return cfg.replace(**{"model.dtype": "bfloat16" if platform in ("gpu", "tpu") else "float32"})
+
+
 def setup_run(cfg: RunConfig) -> RunSetup:
     """Validate, then build the mesh, data, iterators and held-out batches (nothing is written yet)."""
     mesh = sharding.mesh_from_config(cfg.mesh)
@@ -76,7 +86,7 @@ def setup_run(cfg: RunConfig) -> RunSetup:
             process_count=e_blocks)] for c in data.caches]
     eval_fn, compile_eval_s = compiled_eval_step(model_cfg, mesh, eval_bs, T, objective_of(cfg),
                                                  attention_impl=cfg.attention.impl)
-    peak, peak_source = qmetrics.peak_flops(mesh.devices.flat)
+    peak, peak_source = qmetrics.peak_flops(mesh.devices.flat, model_cfg.dtype)
     return RunSetup(cfg, mesh, data, model_cfg, train_iter, eval_sets, eval_fn, compile_eval_s,
                     flops_per_token(model_cfg, T), peak, peak_source)
 
