@@ -46,11 +46,13 @@ if [ "$platform" = cpu ]; then
   pop_args=(--members 2 --bench-steps 1)
   pop_config=(train.batch_size=4 train.seq_len=64)
 else
-  # 0.5B shapes, bf16 compute (model.dtype auto), fsdp over every device; a corpus and tokenizer made here
-  train_args=(configs/qwen2.5-0.5b.yaml model.dtype=auto train.steps=20 train.batch_size=8 train.seq_len=512
+  # 0.5B shapes, bf16 compute (model.dtype auto), fsdp over every device (4 sequences each); a corpus and
+  # tokenizer made here
+  ndev=$(echo "$info" | cut -d'|' -f2)
+  train_args=(configs/qwen2.5-0.5b.yaml model.dtype=auto train.steps=20 train.batch_size=$((4 * ndev)) train.seq_len=512
               optim.warmup_steps=2 data.path=null data.tokenizer=null data.vocab_size=4096
               data.max_bytes=4000000 data.heldout_fraction=0.01 eval.batches=2)
-  bench_args=(model.dtype=bfloat16 --steps 5 --rounds 3)
+  bench_args=(model.dtype=bfloat16 mesh.fsdp=-1 train.batch_size=$((8 * ndev)) --steps 5 --rounds 3)
   pop_args=(--members 4 --bench-steps 5)
   pop_config=(train.batch_size=8 train.seq_len=512 model.dtype=bfloat16)
 fi
