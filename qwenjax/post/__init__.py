@@ -1,0 +1,1 @@
+"""Post-training data: preference pairs from sampled answers (`pairs`) and the execution sandbox (`sandbox`)."""
