@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-BLOCK = 512  # slots per block; the fastest of 128/256/512/1024 on CPU at T = 4K..16K (bench_attention_memory)
+BLOCK = 128  # slots per block: the fastest of 64..1024 on 2 CPU cores at T = 4K and 16K (docs/long-context.md)
 F32 = jnp.float32
 
 

@@ -99,12 +99,20 @@ def _backward_temp_bytes(kernel, T: int) -> int:
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU compiler's memory analysis")
 def test_flash_backward_memory_is_linear_in_T():
-    """Doubling T doubles flash's temporaries (about; block = 512) and quadruples the reference's."""
+    """Doubling T doubles flash's temporaries (about) and quadruples the reference's."""
     flash_bytes = [_backward_temp_bytes(flash, T) for T in (2048, 4096)]
     reference_bytes = [_backward_temp_bytes(attention.reference, T) for T in (2048, 4096)]
     assert flash_bytes[1] < 2.5 * flash_bytes[0]
     assert reference_bytes[1] > 3.5 * reference_bytes[0]
     assert flash_bytes[1] * 8 < reference_bytes[1]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU rule")
+def test_auto_takes_flash_on_cpu_from_2048_queries():
+    short, long = jnp.zeros((1, attention.FLASH_FROM - 1, N, H)), jnp.zeros((1, attention.FLASH_FROM, N, H))
+    assert attention.resolve("auto", short, short) == "blockwise"
+    assert attention.resolve("auto", long, long) == "flash"
+    assert attention.resolve("auto", long, long, cached=True) == "blockwise"
 
 
 def test_flash_refuses_a_cache():
