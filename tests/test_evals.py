@@ -147,7 +147,8 @@ def test_cli_passkey_on_a_tiny_model(tmp_path, run_cli, model_dir, tokenizer, mo
     # the same command with an oracle in place of the model's decoder: accuracy 1.0 through the CLI
     monkeypatch.setattr(passkey, "model_decoder", lambda *a, **k: _oracle(tokenizer))
     status, out, err = run_cli("eval", "passkey", "--checkpoint", model_dir, "--lengths", "256",
-                               "--depths", "0,1", "--trials", 2, "--out", tmp_path / "o.png")
+                               "--depths", "0,1", "--trials", 2, "--out", tmp_path / "o.png",
+                               "--filler", generate.__file__)  # filler from a corpus file
     assert status == 0, err
     assert json.loads(out)["accuracy"] == 1.0
 

@@ -61,8 +61,8 @@ def register(subparsers) -> None:
     pp.set_defaults(func=run_ppl)
 
 
-def _load(args):
-    """(config, params, tokenizer) after the cheap checks; imports JAX."""
+def _load(args, check=None):
+    """(config, params, tokenizer) after the cheap checks and `check(tokenizer)`; imports JAX."""
     if args.chunk < 1:
         raise UserError(f"--chunk must be >= 1, got {args.chunk}")
     if not Path(args.checkpoint).expanduser().is_dir():
@@ -70,7 +70,7 @@ def _load(args):
     # on use: `qwenjax --help` and the other commands start without loading JAX or the evals
     from qwenjax.evals.checkpoint import load_for_eval
 
-    return load_for_eval(args.checkpoint, args.overrides, args.tokenizer)
+    return load_for_eval(args.checkpoint, args.overrides, args.tokenizer, check=check)
 
 
 def _model_fields(config) -> dict:
@@ -83,20 +83,30 @@ def _print(table: dict) -> None:
     sys.stdout.flush()
 
 
+def _filler_text(path: str, chars: int) -> str:
+    """The corpus's documents joined until `chars` characters (enough tokens; the filler repeats if short)."""
+    from qwenjax.evals.ppl_position import read_documents  # on use, as in _load
+
+    parts, total = [], 0
+    for text in read_documents(path):
+        parts.append(" " + " ".join(text.split()))
+        total += len(parts[-1])
+        if total >= chars:
+            break
+    return "".join(parts)
+
+
 def run_passkey(args: argparse.Namespace) -> int:
     from qwenjax.evals import passkey  # on use, as in _load
 
     lengths, depths = passkey.parse_lengths(args.lengths), passkey.parse_depths(args.depths)
-    filler = passkey.FILLER
-    if args.filler is not None:
-        from qwenjax.evals.ppl_position import read_documents
-
-        filler = " " + " ".join(t.strip() for t in read_documents(args.filler))
-    config, params, tokenizer = _load(args)
+    filler = passkey.FILLER if args.filler is None else _filler_text(args.filler, 16 * max(lengths))
+    options = dict(lengths=lengths, depths=depths, trials=args.trials, digits=args.digits, seed=args.seed,
+                   batch_size=args.batch_size, filler_text=filler)
+    config, params, tokenizer = _load(args, check=lambda tok: passkey.check_inputs(tok, **options))
     decode = passkey.model_decoder(config, params, chunk=args.chunk)
-    table = passkey.run_passkey(decode, tokenizer, lengths=lengths, depths=depths, trials=args.trials,
-                                digits=args.digits, seed=args.seed, batch_size=args.batch_size,
-                                max_position_embeddings=config.max_position_embeddings, filler_text=filler)
+    table = passkey.run_passkey(decode, tokenizer, max_position_embeddings=config.max_position_embeddings,
+                                **options)
     from qwenjax.evals.plots import plot_passkey  # matplotlib on use
 
     plot_passkey(table, args.out)

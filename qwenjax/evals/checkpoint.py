@@ -9,7 +9,7 @@ the sliding window, and `model.dtype` / `model.param_dtype` (params are cast to 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -32,28 +32,17 @@ def _has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer.json").is_file() or any(folder.glob("*.model"))
 
 
-def _load_params(directory: Path) -> tuple[ModelConfig, Params, Path | None]:
-    """(config, params, the folder or file its tokenizer is in, if known)."""
+def _load_params(directory: Path) -> tuple[ModelConfig, Params]:
     if model_io.is_model_dir(directory):
-        config, params = model_io.load_model(directory)
-        return config, params, directory if _has_tokenizer(directory) else None
+        return model_io.load_model(directory)
     if (directory / "config.yaml").is_file():  # a run directory: its model/, else its newest checkpoint
-        summary = directory / "summary.json"
-        recorded = json.loads(summary.read_text()).get("tokenizer") if summary.is_file() else None
-        recorded = Path(recorded) if recorded and Path(recorded).exists() else None
         if model_io.is_model_dir(model_dir_of(directory)):
-            folder = model_dir_of(directory)
-            config, params = model_io.load_model(folder)
-            return config, params, folder if _has_tokenizer(folder) else recorded
+            return model_io.load_model(model_dir_of(directory))
         if checkpoint_steps(directory):
             config, state, _ = restore_run_state(directory)
-            return config, state["params"], recorded
+            return config, state["params"]
         raise UserError(f"--checkpoint {directory}: this run directory holds no model/ and no checkpoint")
-    if (directory / "config.json").is_file():
-        config, params = hf.load_hf(directory)
-        return config, params, directory if _has_tokenizer(directory) else None
-    raise UserError(f"--checkpoint {directory} holds no qwenjax model ({model_io.CONFIG_FILE}), run directory "
-                    "(config.yaml) or Hugging Face checkpoint (config.json)")
+    return hf.load_hf(directory)
 
 
 def apply_overrides(config: ModelConfig, overrides: Sequence[str] | Mapping) -> ModelConfig:
@@ -81,23 +70,42 @@ def apply_overrides(config: ModelConfig, overrides: Sequence[str] | Mapping) -> 
         raise UserError(f"bad model override: {e}") from None
 
 
+def _tokenizer_source(directory: Path) -> Path | None:
+    """Where the checkpoint's tokenizer is: beside the params, or (a run) named in summary.json."""
+    if (directory / "config.yaml").is_file() and not model_io.is_model_dir(directory):
+        folder = model_dir_of(directory)
+        if _has_tokenizer(folder):
+            return folder
+        summary = directory / "summary.json"
+        recorded = json.loads(summary.read_text()).get("tokenizer") if summary.is_file() else None
+        return Path(recorded) if recorded and Path(recorded).exists() else None
+    return directory if _has_tokenizer(directory) else None
+
+
 def load_for_eval(checkpoint: str | Path, overrides: Sequence[str] | Mapping = (),
-                  tokenizer: str | Path | None = None) -> tuple[ModelConfig, Params, Tokenizer]:
+                  tokenizer: str | Path | None = None,
+                  check: Callable[[Tokenizer], None] | None = None) -> tuple[ModelConfig, Params, Tokenizer]:
     """(config with overrides, params in its param_dtype, tokenizer) for an eval. The tokenizer is
-    `tokenizer` when given, else the one stored with the checkpoint (a run's is in its summary.json)."""
+    `tokenizer` when given, else the one stored with the checkpoint (a run's is in its summary.json).
+    `check(tokenizer)` runs before the params are read, so input that the tokenizer shows wrong fails fast."""
     directory = Path(checkpoint).expanduser()
     if not directory.is_dir():
         raise UserError(f"--checkpoint {directory} is not a folder")
+    if not any((directory / name).is_file() for name in (model_io.CONFIG_FILE, "config.yaml", "config.json")):
+        raise UserError(f"--checkpoint {directory} holds no qwenjax model ({model_io.CONFIG_FILE}), run "
+                        "directory (config.yaml) or Hugging Face checkpoint (config.json)")
     if overrides:  # check them before the (slow) load
         apply_overrides(model_io.load_config(directory) if model_io.is_model_dir(directory) else ModelConfig(),
                         overrides)
-    config, params, found = _load_params(directory)
-    config = apply_overrides(config, overrides)
-    params = jax.tree.map(lambda x: x.astype(jnp.dtype(config.param_dtype)), params)
-    source = tokenizer if tokenizer is not None else found
+    source = tokenizer if tokenizer is not None else _tokenizer_source(directory)
     if source is None:
         raise UserError(f"no tokenizer found for {directory} (tokenizer.json or *.model); pass --tokenizer PATH")
     tok = load_tokenizer(source)
+    if check is not None:
+        check(tok)
+    config, params = _load_params(directory)
+    config = apply_overrides(config, overrides)
+    params = jax.tree.map(lambda x: x.astype(jnp.dtype(config.param_dtype)), params)
     if tok.vocab_size > config.vocab_size:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}; "
                         "is it the right tokenizer?")

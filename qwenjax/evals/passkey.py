@@ -141,10 +141,10 @@ def _text(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(out)
 
 
-def run_passkey(decode: Decoder, tokenizer: Tokenizer, *, lengths: Sequence[int], depths: Sequence[float],
-                trials: int = 5, digits: int = 5, seed: int = 0, batch_size: int = 8,
-                max_position_embeddings: int | None = None, filler_text: str = FILLER) -> dict:
-    """The passkey table: one cell per (length, depth) with accuracy over `trials` keys (see module doc)."""
+def check_inputs(tokenizer: Tokenizer, *, lengths: Sequence[int], depths: Sequence[float], trials: int = 5,
+                 digits: int = 5, seed: int = 0, batch_size: int = 8, filler_text: str = FILLER
+                 ) -> tuple[PromptBuilder, list[str], int]:
+    """(prompt builder, keys, shortest prompt) after checking every option; UserError on bad input."""
     if trials < 1:
         raise UserError(f"--trials must be >= 1, got {trials}")
     if not 1 <= digits <= 18:
@@ -159,6 +159,16 @@ def run_passkey(decode: Decoder, tokenizer: Tokenizer, *, lengths: Sequence[int]
     if min(lengths) < shortest:
         raise UserError(f"--lengths: {min(lengths)} tokens is shorter than the passkey prompt itself "
                         f"({shortest} tokens without filler)")
+    return builder, keys, shortest
+
+
+def run_passkey(decode: Decoder, tokenizer: Tokenizer, *, lengths: Sequence[int], depths: Sequence[float],
+                trials: int = 5, digits: int = 5, seed: int = 0, batch_size: int = 8,
+                max_position_embeddings: int | None = None, filler_text: str = FILLER) -> dict:
+    """The passkey table: one cell per (length, depth) with accuracy over `trials` keys (see module doc)."""
+    builder, keys, shortest = check_inputs(tokenizer, lengths=lengths, depths=depths, trials=trials,
+                                           digits=digits, seed=seed, batch_size=batch_size,
+                                           filler_text=filler_text)
     new_tokens = max(len(tokenizer.encode(" " + k)) for k in keys) + 2  # room to see a wrong extra digit
     rows = [(d, k) for d in depths for k in keys]
     B = min(batch_size, len(rows))
