@@ -66,6 +66,19 @@ def test_flash_equals_reference_forward_and_gradients(case):
         np.testing.assert_allclose(g, w, **TOL, err_msg=f"d{name}")
 
 
+def test_flash_gradients_under_vmap():
+    """Population training vmaps the step over stacked states: the custom VJP and its loops batch."""
+    q, k, v, seg = _inputs(130, 2)
+    stack = [jnp.stack([x, 2 * x]) for x in (q, k, v)]
+
+    def grads(kernel):
+        step = jax.grad(lambda q, k, v: _loss(kernel, q, k, v, seg, 40)[0], argnums=(0, 1, 2))
+        return jax.jit(jax.vmap(step))(*stack)
+
+    for g, w in zip(grads(functools.partial(flash, block=BLOCK)), grads(attention.reference), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
+
+
 def test_flash_bfloat16_is_close_to_reference():
     q, k, v, seg = (x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in _inputs(256, 2))
     want = attention.reference(q, k, v, segment_ids_BT=seg, window=100)
