@@ -65,7 +65,7 @@ def test_plan_reruns_itself_when_jax_started_with_fewer_devices(run_cli, qwenjax
 
     assert len(jax.devices("cpu")) < 2  # this pytest process: one CPU device, so plan runs a subprocess
     status, out, err = run_cli("plan", TINY, f"data.cache_dir={qwenjax_cache}", "train.batch_size=4",
-                               "--devices", "2", "--hbm", "1GiB")
+                               "model.num_hidden_layers=1", "--devices", "2", "--hbm", "1GiB")
     assert status == 0, err
     plan = json.loads(out)
     assert plan["devices"] == 2 and plan["fits"] is True and plan["config"]["scan_layers"] is False
@@ -91,7 +91,7 @@ def test_collective_bytes_multiplies_while_bodies_by_their_trip_count():
 def test_search_when_it_does_not_fit(run_cli, qwenjax_cache):
     # one device: runs in this process; 1 MiB holds nothing, so full remat fails and grad_accum doubles
     status, out, err = run_cli("plan", TINY, f"data.cache_dir={qwenjax_cache}", "train.batch_size=4",
-                               "--devices", "1", "--hbm", "1MiB", "--max-compiles", "2")
+                               "model.num_hidden_layers=1", "--devices", "1", "--hbm", "1MiB", "--max-compiles", "2")
     assert status == 0, err
     search = json.loads(out)["search"]
     assert [(t["remat"], t["grad_accum"]) for t in search["tried"]] == [("full", 1), ("full", 2)]
