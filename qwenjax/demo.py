@@ -42,7 +42,9 @@ class DemoPlan:
 
     The swept models and the predicted one are Qwen2.5-shaped with `layers` layers and widths `widths` /
     `main_width` (the CPU ladder's regime, docs/sweeps.md); the main model is at least 3x the largest swept N
-    and trains on `main_tokens_scale` x the largest swept D.
+    and trains on `main_tokens_scale` x the largest swept D. Every run warms up over `warmup_tokens`: the
+    exponents lean on the CPU ladder's, so the demo keeps the ladder's recipe (a shorter warmup lowers the best
+    lr, measured at width 48: 5.5e-3 with 62k tokens of warmup against the ladder's 7.8e-3 with 125k).
     """
 
     widths: tuple[int, ...]  # hidden sizes of the swept models (the N axis)
@@ -59,16 +61,18 @@ class DemoPlan:
     eval_sequences: int
     noise_seeds: tuple[int, ...]  # seeds rerun at each swept cell's optimum: the noise floor
     max_extensions: int
+    warmup_tokens: float  # linear warmup of every run, sweep and check alike
 
 
 PLANS = {
     "full": DemoPlan(widths=(32, 48), tokens=(2.5e5, 5.0e5),
                      lr=tuple(2.0 ** (k / 2) for k in range(-16, -9)), batch_size=(4, 8, 16),  # 3.9e-3 .. 3.1e-2
                      seq_len=128, main_width=96, main_tokens_scale=3.0, layers=1, vocab_size=1024, head_dim=16,
-                     max_bytes=20_000_000, eval_sequences=512, noise_seeds=(1, 2), max_extensions=3),
+                     max_bytes=20_000_000, eval_sequences=512, noise_seeds=(1, 2), max_extensions=3,
+                     warmup_tokens=1.25e5),  # the CPU ladder's (a quarter of its 0.5M budget): its prior's recipe
     "mini": DemoPlan(widths=(16, 24, 32), tokens=(8.0e3, 1.6e4), lr=(1.6e-2, 6.4e-2, 0.25), batch_size=(4, 8),
                      seq_len=32, main_width=64, main_tokens_scale=3.0, layers=1, vocab_size=400, head_dim=8,
-                     max_bytes=300_000, eval_sequences=16, noise_seeds=(1,), max_extensions=0),
+                     max_bytes=300_000, eval_sequences=16, noise_seeds=(1,), max_extensions=0, warmup_tokens=2e3),
 }
 #: the check grid around the prediction: lr and batch times each of these factors
 CHECK_FACTORS = (0.5, 1.0, 2.0)
@@ -177,7 +181,8 @@ def run_demo(out: str | Path = "runs/demo", data: str | None = None, *, plan: st
         "name": "demo-sweep", "base": str(out / "base.yaml"),
         "models": [model_shape(w, plan) for w in plan.widths],
         "tokens": list(plan.tokens), "lr": list(plan.lr), "batch_size": list(plan.batch_size),
-        "max_extensions": plan.max_extensions, "bracket_margin": 0.01, "warmup_fraction": 0.25, "fork_cooldowns": True,
+        "max_extensions": plan.max_extensions, "bracket_margin": 0.01, "fork_cooldowns": True,
+        "warmup_fraction": plan.warmup_tokens / min(plan.tokens),
         "noise_seeds": list(plan.noise_seeds),
     }
     _say(3, f"sweep: {len(plan.widths)} model sizes x {len(plan.tokens)} token budgets x {len(plan.lr)} "
@@ -212,8 +217,8 @@ def run_demo(out: str | Path = "runs/demo", data: str | None = None, *, plan: st
     main_spec = {
         "name": "demo-main", "base": str(out / "base.yaml"), "models": [shape], "tokens": [d_main],
         "lr": lrs, "batch_size": batches, "max_extensions": 0,
-        # the sweep's warmup: a quarter of the shortest budget's steps (fork_cooldowns), so the same tokens
-        "warmup_fraction": 0.25 * min(plan.tokens) / d_main,
+        # the sweep's warmup, in tokens
+        "warmup_fraction": plan.warmup_tokens / d_main,
     }
     _say(6, f"check: lr {', '.join(f'{x:.3g}' for x in lrs)} x batch {', '.join(map(str, batches))}, each with "
             f"seeds {', '.join(map(str, CHECK_SEEDS))}")
