@@ -19,6 +19,7 @@ ATTENTION_IMPLS = ("auto", "reference", "blockwise", "flash", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "offload")  # none + qwenjax.model's
 OBJECTIVE_NAMES = ("next_token", "sft", "dpo")  # = qwenjax.train.objectives.OBJECTIVES (tests/test_sft.py)
 DPO_LOSSES = ("sigmoid", "ipo")  # = qwenjax.train.dpo.LOSSES
+DPO_REFERENCES = ("step", "cached")  # = qwenjax.train.dpo.REFERENCES
 DATA_FORMATS = ("auto", "text", "chat")  # auto: chat for train.objective sft or JSONL with "messages"
 
 
@@ -263,8 +264,12 @@ class DPOSection:
     beta: float = 0.1
     loss: str = "sigmoid"
     label_smoothing: float = 0.0
+    reference: str = "step"  # step: the frozen reference runs in each step; cached: its log-probs computed once
 
     def __post_init__(self):
+        if self.reference not in DPO_REFERENCES:
+            raise UserError(f"dpo.reference must be one of {', '.join(DPO_REFERENCES)}, got {self.reference!r}"
+                            + did_you_mean(str(self.reference), DPO_REFERENCES))
         if self.loss not in DPO_LOSSES:
             raise UserError(f"dpo.loss must be one of {', '.join(DPO_LOSSES)}, got {self.loss!r}"
                             + did_you_mean(str(self.loss), DPO_LOSSES))

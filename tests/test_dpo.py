@@ -240,3 +240,24 @@ def test_dpo_tiny_run_rewards_rise(pairs_file, qwenjax_cache, tmp_path):
     assert last["reward_margin"] > first["reward_margin"] + 0.5, rows
     assert last["reward_accuracy"] >= 0.9 and last["loss"] < 0.5 * np.log(2), rows
     assert np.isfinite(summary["eval_loss"])
+
+
+def test_cached_reference_equals_the_step_reference(pairs_file, qwenjax_cache, tmp_path):
+    """dpo.reference cached (log-probs computed once, stored beside the pair cache) trains like the reference
+    run in every step: the same losses and rewards, step by step."""
+    from qwenjax.train import train
+
+    rows = {}
+    for ref in ("step", "cached"):
+        run = tmp_path / ref
+        train(dpo_config(pairs_file, qwenjax_cache, run, "train.steps=10", f"dpo.reference={ref}", "seed=3"))
+        rows[ref] = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows["step"]) == len(rows["cached"]) >= 2
+    for a, b in zip(rows["step"], rows["cached"], strict=True):
+        for key in ("loss", "reward_margin", "reward_chosen", "reward_accuracy"):
+            assert b[key] == pytest.approx(a[key], rel=2e-3, abs=2e-4), (key, a, b)
+    files = list(qwenjax_cache.rglob("ref-*.npz"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns  # a second run reuses the file
+    train(dpo_config(pairs_file, qwenjax_cache, tmp_path / "again", "train.steps=1", "dpo.reference=cached", "seed=3"))
+    assert files[0].stat().st_mtime_ns == mtime

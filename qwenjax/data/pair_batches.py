@@ -93,6 +93,22 @@ class PairCache:
         self.folder, self.key, self.files = Path(folder), key, list(files)
         self.vocab_size, self.eos_id, self.tokenizer_fingerprint = vocab_size, eos_id, tokenizer_fingerprint
         self._splits = {s: dict(np.load(self.folder / f"{s}.npz")) for s in ("train", "heldout")}
+        self._ref: dict[str, dict[str, np.ndarray]] = {}  # split -> side -> log p(ids[j] | ids[:j]), per id
+
+    def attach_reference(self, split: str, logps: dict[str, np.ndarray]) -> None:
+        """dpo.reference cached: the reference's per-token log-probs (aligned with each side's ids); the
+        split's batches then carry `ref_{side}_logp` (qwenjax.train.dpo_reference)."""
+        for side in SIDES:
+            if logps[side].shape != self._splits[split][f"{side}_ids"].shape:
+                raise ValueError(f"reference log-probs for {split}/{side} do not match the pair cache")
+        self._ref[split] = {side: np.asarray(logps[side], np.float32) for side in SIDES}
+
+    def token_count(self, split: str, side: str) -> int:
+        return len(self._splits[split][f"{side}_ids"])
+
+    def offsets(self, split: str, side: str) -> np.ndarray:
+        """Where each pair's ids start in the split's flat array (one more entry: the end)."""
+        return self._splits[split][f"{side}_offsets"]
 
     def num(self, split: str) -> int:
         return len(self._splits[split]["where"])
@@ -146,6 +162,14 @@ class PairCache:
                 n = min(len(ids) - 1, seq_len)
                 inputs[r, :n], targets[r, :n], mask[r, :n] = ids[:n], ids[1:n + 1], m[1:n + 1]
             out.update({f"{side}_inputs": inputs, f"{side}_targets": targets, f"{side}_mask": mask})
+            if split in self._ref:  # the reference's log-prob of each target: entry j + 1 of the flat array
+                ref = np.zeros((len(indices), seq_len), np.float32)
+                offsets = self._splits[split][f"{side}_offsets"]
+                for r, i in enumerate(indices):
+                    if i is not None:
+                        lo, n = offsets[i], min(offsets[i + 1] - offsets[i] - 1, seq_len)
+                        ref[r, :n] = self._ref[split][side][lo + 1:lo + n + 1]
+                out[f"ref_{side}_logp"] = ref
         return out
 
     def train_iterator(self, *, seq_len: int, global_batch_size: int, seed: int, truncate: bool = False,

@@ -9,7 +9,9 @@ z = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected):
     sigmoid:  -(1 - eps) log sigmoid(beta z) - eps log sigmoid(-beta z)   (eps = label smoothing, cDPO)
     ipo:      (z - 1 / (2 beta))^2
 
-The reference is `ref_params` in the train state (the init checkpoint, frozen; `needs_reference`).
+The reference is the stage's starting model (`model.init_from`, else the fresh init), frozen. `dpo.reference`:
+`step` keeps it as `ref_params` in the train state (`needs_reference`) and runs it in every step; `cached`
+computes its per-token log-probs once before training (qwenjax.train.dpo_reference) and the batches carry them.
 """
 
 from __future__ import annotations
@@ -24,21 +26,29 @@ from qwenjax import model as qmodel
 from qwenjax.config import ModelConfig
 
 LOSSES = ("sigmoid", "ipo")
+REFERENCES = ("step", "cached")
 SIDES = ("chosen", "rejected")
 #: the pair batch schema: every array is [pairs, seq_len]
 PAIR_BATCH = {f"{side}_{k}": np.dtype(dt) for side in SIDES
               for k, dt in (("inputs", np.int32), ("targets", np.int32), ("mask", np.float32))}
+#: with dpo.reference cached: the reference's log-prob of each target token, computed once before training
+REF_BATCH = {f"ref_{side}_logp": np.dtype(np.float32) for side in SIDES}
 
 
-def completion_logps(params, inputs_BT, targets_BT, mask_BT, model_cfg: ModelConfig, attention_impl: str = "auto"):
-    """(sum over the mask of log p(target) [B], number of masked tokens [B]); one sequence per row, from 0."""
+def token_logps(params, inputs_BT, targets_BT, model_cfg: ModelConfig, attention_impl: str = "auto"):
+    """log p(target) [B, T] (float32); one sequence per row, positions from 0."""
     B, T = inputs_BT.shape
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     logits_BTV, _ = qmodel.apply(model_cfg, params, inputs_BT, positions=positions_BT,
                                  segment_ids=jnp.ones_like(inputs_BT), attention_impl=attention_impl)
     logits_BTV = logits_BTV.astype(jnp.float32)
     target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    logp_BT = target_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
+    return target_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
+
+
+def completion_logps(params, inputs_BT, targets_BT, mask_BT, model_cfg: ModelConfig, attention_impl: str = "auto"):
+    """(sum over the mask of log p(target) [B], number of masked tokens [B]); one sequence per row, from 0."""
+    logp_BT = token_logps(params, inputs_BT, targets_BT, model_cfg, attention_impl)
     mask_BT = mask_BT.astype(jnp.float32)
     return jnp.sum(logp_BT * mask_BT, axis=-1), jnp.sum(mask_BT, axis=-1)
 
@@ -74,10 +84,20 @@ class DPOLoss:
 
     name: str = "dpo"
     loss: str = "sigmoid"
-    batch_keys: tuple[str, ...] = tuple(PAIR_BATCH)
-    batch_dtypes: tuple[tuple[str, np.dtype], ...] = tuple(PAIR_BATCH.items())
+    reference: str = "step"  # step: ref_params run in the step; cached: REF_BATCH arrays in the batch
     metrics: tuple[str, ...] = ("loss", "reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected")
-    needs_reference: bool = True
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.reference == "step"
+
+    @property
+    def batch_dtypes(self) -> tuple[tuple[str, np.dtype], ...]:
+        return tuple(PAIR_BATCH.items()) + (tuple(REF_BATCH.items()) if self.reference == "cached" else ())
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return tuple(k for k, _ in self.batch_dtypes)
 
     @staticmethod
     def make_hp(run_cfg=None, *, beta: float | None = None, label_smoothing: float | None = None):
@@ -90,7 +110,10 @@ class DPOLoss:
 
     def sums(self, params, ref_params, batch, hp, model_cfg: ModelConfig, attention_impl: str = "auto"):
         policy_c, policy_r = pair_logps(params, batch, model_cfg, attention_impl)
-        ref_c, ref_r = jax.lax.stop_gradient(pair_logps(ref_params, batch, model_cfg, attention_impl))
+        if self.reference == "cached":
+            ref_c, ref_r = (jnp.sum(batch[f"ref_{s}_logp"] * batch[f"{s}_mask"], axis=-1) for s in SIDES)
+        else:
+            ref_c, ref_r = jax.lax.stop_gradient(pair_logps(ref_params, batch, model_cfg, attention_impl))
         per_pair, reward_c, reward_r = dpo_loss(policy_c, policy_r, ref_c, ref_r, hp["beta"], self.loss,
                                                 hp["label_smoothing"])
         total = jnp.sum(per_pair)

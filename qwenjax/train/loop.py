@@ -40,6 +40,7 @@ from qwenjax.run_config import RunConfig, missing_keys, save_config
 from qwenjax.train import metrics as qmetrics
 from qwenjax.train import sharding
 from qwenjax.train.checkpoint import Checkpointer, abstract_with_shardings
+from qwenjax.train.dpo_reference import attach_cached_reference
 from qwenjax.train.interrupt import interrupted, run_dir_lock, steps, stop_check
 from qwenjax.train.objectives import objective_of
 from qwenjax.train.run_dir import (
@@ -308,6 +309,9 @@ def _train(cfg: RunConfig, run_dir: Path, forks_at: dict, should_stop: Callable,
         ref = (jax.tree.map(jnp.copy, state["params"]) if restored is None else
                initial_state(cfg, model_cfg, jax.random.key(cfg.seed), mesh, state_sh)["params"])
         state = {**state, "ref_params": ref}
+    if getattr(objective, "reference", None) == "cached":  # DPO: the reference's log-probs, computed once
+        attach_cached_reference(cfg, model_cfg, setup.data.pairs, lambda: state["params"] if restored is None else
+                                initial_state(cfg, model_cfg, jax.random.key(cfg.seed), mesh, state_sh)["params"])
     origin = {k: meta[k] for k in ("fork_of", "fork_step", "init_from") if k in meta}
     if restored is None and cfg.model.init_from:
         origin["init_from"] = str(Path(cfg.model.init_from).expanduser().resolve())

@@ -78,10 +78,12 @@ NEXT_TOKEN = NextTokenLoss()
 OBJECTIVES = {NEXT_TOKEN.name: NEXT_TOKEN, "sft": NEXT_TOKEN, "dpo": DPOLoss()}
 
 
-def objective_of(run_cfg: RunConfig):
-    """The objective a run config names (`train.objective`), with its static settings (DPO: `dpo.loss`)."""
+def objective_of(run_cfg: RunConfig, heldout: bool = False):
+    """The objective a run config names (`train.objective`), with its static settings (DPO: `dpo.loss`,
+    `dpo.reference`). `heldout`: the one whose `eval_sums` the held-out step runs (its batches carry no
+    cached reference)."""
     if run_cfg.train.objective == "dpo":
-        return DPOLoss(loss=run_cfg.dpo.loss)
+        return DPOLoss(loss=run_cfg.dpo.loss, reference="step" if heldout else run_cfg.dpo.reference)
     return OBJECTIVES[run_cfg.train.objective]
 
 
