@@ -140,6 +140,7 @@ def test_cli_passkey_on_a_tiny_model(tmp_path, run_cli, model_dir, tokenizer, mo
     assert len(table["cells"]) == 6
     for cell in table["cells"]:
         assert 0 <= cell["accuracy"] <= 1 and cell["trials"] == 2 and len(cell["answers"]) == 2
+        assert isinstance(cell["example"], str)
         assert cell["beyond_max_position_embeddings"] == (cell["length"] > 256)
     assert table["beyond_max_position_embeddings"] == [384] and table["max_position_embeddings"] == 256
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and table["plot"] == str(out_png)

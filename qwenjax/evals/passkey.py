@@ -177,13 +177,15 @@ def run_passkey(decode: Decoder, tokenizer: Tokenizer, *, lengths: Sequence[int]
         prompts = np.asarray([builder.build(length, d, k) for d, k in rows], np.int32)
         padded = np.concatenate([prompts, np.repeat(prompts[-1:], -len(rows) % B, axis=0)])
         outs = np.concatenate([decode(padded[i:i + B], new_tokens) for i in range(0, len(padded), B)])
-        answers = [answer_of(_text(tokenizer, o)) for o in outs[:len(rows)]]
+        texts = [_text(tokenizer, o) for o in outs[:len(rows)]]
+        answers = [answer_of(t) for t in texts]
         beyond = max_position_embeddings is not None and length > max_position_embeddings
         for i, depth in enumerate(depths):
             got = answers[i * trials:(i + 1) * trials]
             correct = sum(a == k for a, k in zip(got, keys, strict=True))
             cells.append({"length": length, "depth": depth, "accuracy": correct / trials, "correct": correct,
-                          "trials": trials, "answers": got, "beyond_max_position_embeddings": beyond})
+                          "trials": trials, "answers": got, "example": texts[i * trials],
+                          "beyond_max_position_embeddings": beyond})
     table = {"eval": "passkey", "lengths": list(lengths), "depths": list(depths), "trials": trials,
              "digits": digits, "seed": seed, "keys": keys, "prompt_min_tokens": shortest,
              "max_position_embeddings": max_position_embeddings,

@@ -26,7 +26,7 @@ def plot_passkey(table: dict, path=None, title: str | None = None) -> Figure:
     max_position_embeddings are marked with '*' and a dashed line."""
     lengths, depths = table["lengths"], table["depths"]
     grid = accuracy_grid(table)
-    fig = Figure(figsize=(1.2 + 0.75 * len(lengths), 1.4 + 0.45 * len(depths)), layout="constrained")
+    fig = Figure(figsize=(max(4.5, 1.6 + 0.75 * len(lengths)), 1.6 + 0.45 * len(depths)), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
@@ -39,7 +39,7 @@ def plot_passkey(table: dict, path=None, title: str | None = None) -> Figure:
     ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
     if beyond and len(beyond) < len(lengths):
         ax.axvline(len(lengths) - len(beyond) - 0.5, color="k", ls="--", lw=1)
-    ax.set_xlabel("context length (tokens)" + ("; * beyond max_position_embeddings" if beyond else ""))
+    ax.set_xlabel("context length (tokens)" + ("\n* beyond max_position_embeddings" if beyond else ""))
     ax.set_ylabel("key depth")
     ax.set_title(title or f"passkey accuracy ({table['trials']} trials per cell)")
     fig.colorbar(image, ax=ax, label="accuracy")
