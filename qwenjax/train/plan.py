@@ -33,6 +33,7 @@ from qwenjax.run_config import RunConfig, model_config
 from qwenjax.train import sharding, step
 from qwenjax.train.hlo import collective_bytes
 from qwenjax.train.metrics import PEAK_FLOPS
+from qwenjax.train.setup import resolve_dtype
 
 GIB = 1024**3
 
@@ -114,7 +115,7 @@ def _attention(requested: str) -> dict[str, str]:
     note = ("cudnn and splash need their GPU/TPU; lowered flash, which like them keeps only the output and "
             "the log-sum-exp for the backward pass, so activations match in size, not in layout")
     if requested == "auto":
-        note = "auto picks cudnn on a GPU, splash on a TPU (blockwise on CPU); " + note
+        note = "auto picks cudnn on a GPU, splash on a TPU; " + note
     return {"requested": requested, "lowered": "flash", "note": note}
 
 
@@ -191,6 +192,9 @@ def plan(cfg: RunConfig, devices: int, *, hbm: int | None = None, topo: dict | N
     """The plan as one JSON-able dict (see docs/scaling-out.md for the fields)."""
     mesh_sizes = resolve_mesh(cfg, devices)
     dp = mesh_sizes["data"] * mesh_sizes["fsdp"]
+    dtype_source = "model.dtype" if cfg.model.dtype is not None else (
+        "model.dtype unset: bfloat16, as a run on a GPU/TPU resolves it (train.setup.resolve_dtype)")
+    cfg = resolve_dtype(cfg, "gpu" if topo and not topo["chip"].startswith("tpu") else "tpu")
     B, T, k = cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum
     check_batch(B, k, dp)
     if not host_devices(devices):
@@ -236,7 +240,8 @@ def plan(cfg: RunConfig, devices: int, *, hbm: int | None = None, topo: dict | N
     fits = None if hbm is None else first["peak_bytes"] <= hbm
     out: dict[str, Any] = {
         "config": {"params": total_n, "layers": model_cfg.num_hidden_layers, "hidden": model_cfg.hidden_size,
-                   "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
+                   "dtype": model_cfg.dtype, "dtype_source": dtype_source,
+                   "param_dtype": model_cfg.param_dtype,
                    "scan_layers": model_cfg.scanned, "remat": cfg.train.remat},
         "devices": devices, "mesh": mesh_sizes, "topology": topo,
         "batch": {"global_sequences": B, "seq_len": T, "grad_accum": k,
