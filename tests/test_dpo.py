@@ -261,3 +261,45 @@ def test_cached_reference_equals_the_step_reference(pairs_file, qwenjax_cache, t
     mtime = files[0].stat().st_mtime_ns  # a second run reuses the file
     train(dpo_config(pairs_file, qwenjax_cache, tmp_path / "again", "train.steps=1", "dpo.reference=cached", "seed=3"))
     assert files[0].stat().st_mtime_ns == mtime
+
+
+@pytest.fixture(scope="module")
+def stage1(pairs_file, qwenjax_cache, tmp_path_factory):
+    from qwenjax.train import train
+
+    run = tmp_path_factory.mktemp("stage1") / "run"
+    train(dpo_config(pairs_file, qwenjax_cache, run, "train.steps=3"))
+    return run
+
+
+@pytest.mark.parametrize("reference", ["step", "cached"])
+def test_dpo_from_init_from_resumes_exactly(pairs_file, qwenjax_cache, tmp_path, stage1, reference, caplog):
+    """A DPO stage from model.init_from: its reference is that checkpoint (loss log 2 at step 1), and 3 steps
+    + 3 resumed steps (the reference reloaded, the pair iterator restored) equal 6 steps straight."""
+    import logging
+
+    from qwenjax.train import train
+
+    common = [f"model.init_from={stage1}", f"data.tokenizer={stage1 / 'model' / 'tokenizer.model'}",
+              "train.log_every=1", f"dpo.reference={reference}", "optim.warmup_steps=0"]
+    train(dpo_config(pairs_file, qwenjax_cache, tmp_path / "straight", "train.steps=6", *common))
+    train(dpo_config(pairs_file, qwenjax_cache, tmp_path / "split", "train.steps=3", *common))
+    with caplog.at_level(logging.INFO, logger="qwenjax"):
+        train(dpo_config(pairs_file, qwenjax_cache, tmp_path / "split", "train.steps=6", *common))
+    assert "from step 3" in caplog.text
+
+    def rows(run):
+        return [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    straight, split = rows("straight"), rows("split")
+    assert straight[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)
+    assert [r["loss"] for r in split] == [r["loss"] for r in straight] and len(straight) == 6
+    assert [r["reward_margin"] for r in split] == [r["reward_margin"] for r in straight]
+
+
+def test_dpo_population_is_refused(pairs_file, tmp_path):
+    from qwenjax.train.loop import train_population
+
+    cfg = dpo_config(pairs_file, tmp_path / "cache", tmp_path / "run")
+    with pytest.raises(UserError, match="train.objective dpo is not supported in a population"):
+        train_population([cfg, cfg.replace(**{"optim.lr": 2e-3})])
