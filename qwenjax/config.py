@@ -44,6 +44,9 @@ class ModelConfig:
     initializer_range: float = 0.02  # std of the normal init of every matrix, as HF
     dtype: str = "float32"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"  # storage dtype of the parameters (float32 master weights for training)
+    # None: a causal LM (HF Qwen2ForCausalLM). n: a sequence classifier (HF Qwen2ForSequenceClassification):
+    # a `score` [hidden, n] head instead of the lm_head; a reward model has n = 1 (train.objective reward)
+    num_labels: int | None = None
     # Runtime layout and memory choices (RUNTIME_FIELDS), not part of the checkpoint:
     scan_layers: bool | None = None  # layers stacked on a leading axis under lax.scan; None: from SCAN_MIN_LAYERS
     remat: str = "none"  # the layer body's jax.checkpoint policy (set from train.remat, validated there)
@@ -58,6 +61,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise UserError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.num_labels is not None and (not isinstance(self.num_labels, int) or self.num_labels <= 0):
+            raise UserError(f"model.num_labels must be a positive integer or null, got {self.num_labels!r}")
         if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
             raise UserError(f"model.head_dim must be a positive integer or null, got {self.head_dim!r}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -127,12 +132,14 @@ class ModelConfig:
     # Hugging Face config.json -------------------------------------------------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in ("dtype", "param_dtype", *RUNTIME_FIELDS):
+        for name in ("dtype", "param_dtype", "num_labels", *RUNTIME_FIELDS):
             d.pop(name)
         d["rope_scaling"] = self.rope_scaling_dict
         d["head_dim"] = self.resolved_head_dim
         d.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu", attention_dropout=0.0,
                  torch_dtype=self.param_dtype, use_cache=True)
+        if self.num_labels is not None:
+            d.update(architectures=["Qwen2ForSequenceClassification"], num_labels=self.num_labels)
         return d
 
     @classmethod
@@ -143,8 +150,11 @@ class ModelConfig:
             raise UserError(f"unsupported model_type {model_type!r}: qwenjax loads Qwen2/Qwen2.5 ('qwen2') checkpoints")
         if d.get("hidden_act", "silu") != "silu":
             raise UserError(f"unsupported hidden_act {d['hidden_act']!r}: Qwen2 uses 'silu'")
-        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", *RUNTIME_FIELDS}
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "num_labels", *RUNTIME_FIELDS}
         kwargs = {k: v for k, v in d.items() if k in names}
+        if any(str(a).endswith("ForSequenceClassification") for a in d.get("architectures") or ()):
+            # transformers writes id2label (num_labels is derived from it); 2 is its default
+            kwargs["num_labels"] = int(d.get("num_labels") or len(d.get("id2label") or {}) or 2)
         rope = d.get("rope_parameters")  # the newest HF layout keeps theta and scaling together
         if isinstance(rope, Mapping):
             kwargs.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
@@ -222,6 +232,8 @@ def param_counts(config: ModelConfig) -> tuple[int, int]:
     attention = (h + 1) * (q + 2 * kv) + q * h
     per_layer = attention + 3 * h * config.intermediate_size + 2 * h
     non_embedding = config.num_hidden_layers * per_layer + h
+    if config.num_labels:  # a sequence classifier: the score head replaces the lm_head
+        return non_embedding + config.vocab_size * h + h * config.num_labels, non_embedding
     embedding = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
     return non_embedding + embedding, non_embedding
 
@@ -237,7 +249,7 @@ def flops_per_token(config: ModelConfig, seq_len: int, *, training: bool = True)
     h, hd = config.hidden_size, config.resolved_head_dim
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
     per_layer = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size
-    matmul_params = config.num_hidden_layers * per_layer + h * config.vocab_size
+    matmul_params = config.num_hidden_layers * per_layer + h * (config.num_labels or config.vocab_size)
     context = (seq_len + 1) / 2
     if config.use_sliding_window and config.sliding_window:
         window_layers = sum(config.uses_sliding_window(i) for i in range(config.num_hidden_layers))

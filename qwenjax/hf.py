@@ -56,7 +56,8 @@ Shardings = Any  # a pytree like params of Sharding, or a callable path -> Shard
 def tensor_map(config: ModelConfig) -> list[tuple[str, tuple[Any, ...], bool]]:
     """(HF tensor name, qwenjax param path, transpose?) for every parameter, in HF's order.
 
-    Paths use the param dict's own keys (integer layer indices). The lm_head is absent when tied.
+    Paths use the param dict's own keys (integer layer indices). The lm_head is absent when tied; a sequence
+    classifier (`config.num_labels`, HF Qwen2ForSequenceClassification) has `score.weight` instead.
     """
     entries: list[tuple[str, tuple[Any, ...], bool]] = [
         ("model.embed_tokens.weight", ("embed_tokens",), False)]
@@ -73,7 +74,9 @@ def tensor_map(config: ModelConfig) -> list[tuple[str, tuple[Any, ...], bool]]:
         for proj in ("gate_proj", "up_proj", "down_proj"):
             entries.append((p + f"mlp.{proj}.weight", ("layers", i, "mlp", proj, "kernel"), True))
     entries.append(("model.norm.weight", ("norm", "weight"), False))
-    if not config.tie_word_embeddings:
+    if config.num_labels is not None:
+        entries.append(("score.weight", ("score", "kernel"), True))
+    elif not config.tie_word_embeddings:
         entries.append(("lm_head.weight", ("lm_head", "kernel"), True))
     return entries
 

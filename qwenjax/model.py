@@ -50,6 +50,7 @@ LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
     "post_attention_layernorm/weight": ("norm",),
     "norm/weight": ("norm",),
     "lm_head/kernel": ("embed", "vocab"),
+    "score/kernel": ("embed", None),
 }
 
 # train.remat (run_sections.REMAT_POLICIES but "none"; tests/test_scan_remat.py keeps them equal) -> what
@@ -204,7 +205,9 @@ def _layer_fn(layer: DecoderLayer, attention_impl: str, remat: str):
 
 
 class Qwen2(nnx.Module):
-    """The decoder: embed, pre-norm layers, final norm, (tied or separate) unembedding."""
+    """The decoder: embed, pre-norm layers, final norm, (tied or separate) unembedding; or, with
+    `config.num_labels`, a `score` head [D, num_labels] instead of the unembedding (HF's
+    Qwen2ForSequenceClassification: per-token scores, pooled by the caller, e.g. qwenjax.train.reward)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -215,10 +218,14 @@ class Qwen2(nnx.Module):
         else:
             self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(D, config=config)
-        self.lm_head = None if config.tie_word_embeddings else Linear(D, V, bias=False, config=config, rngs=rngs)
+        headless = config.tie_word_embeddings or config.num_labels is not None
+        self.lm_head = None if headless else Linear(D, V, bias=False, config=config, rngs=rngs)
+        self.score = None if config.num_labels is None else Linear(D, config.num_labels, bias=False, config=config,
+                                                                    rngs=rngs)
 
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, attention_impl="auto"):
-        """Logits [B, T, V] in the compute dtype, and the updated KV cache (None without one).
+        """Logits [B, T, V] (with `config.num_labels`: scores [B, T, num_labels]) in the compute dtype, and the
+        updated KV cache (None without one).
 
         Without a cache: causal attention within each segment (packed documents never see each other;
         None = one segment). With a cache (decoding): positions default to cache['index'] + arange(T); keys
@@ -257,11 +264,13 @@ class Qwen2(nnx.Module):
                 new_kv.append(kv)
             kv_L = None if cache is None else tuple(jnp.stack(x) for x in zip(*new_kv, strict=True))
         h_BTD = self.norm(h_BTD)
-        if self.lm_head is None:
+        if self.score is not None:
+            logits_BTV = self.score(h_BTD)
+        elif self.lm_head is None:
             logits_BTV = (h_BTD.reshape(B * T, -1) @ self.embed_tokens[...].astype(dtype).T).reshape(B, T, -1)
         else:
             logits_BTV = self.lm_head(h_BTD)
-        logits_BTV = constrain(logits_BTV, _BTV)
+        logits_BTV = constrain(logits_BTV, _BTV if self.score is None else (*_BTD[:2], None))
         if cache is None:
             return logits_BTV, None
         return logits_BTV, {"k": kv_L[0], "v": kv_L[1], "index": cache["index"] + T}
@@ -367,8 +376,8 @@ def is_stacked_path(path: tuple) -> bool:
 
 def count_params(config: ModelConfig) -> tuple[int, int]:
     """(total, non-embedding) parameter counts. Non-embedding = decoder layers + final norm (the N of the
-    scaling laws); total adds the embedding and, when untied, the lm_head. Computed abstractly."""
+    scaling laws); total adds the embedding and, when untied, the lm_head (or the score head). Computed abstractly."""
     shapes = abstract_params(config)
     total = sum(x.size for x in jax.tree.leaves(shapes))
-    embedding = shapes["embed_tokens"].size + (0 if config.tie_word_embeddings else shapes["lm_head"]["kernel"].size)
+    embedding = shapes["embed_tokens"].size + sum(shapes[k]["kernel"].size for k in ("lm_head", "score") if k in shapes)
     return int(total), int(total - embedding)
