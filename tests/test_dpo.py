@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CONFIGS
+from conftest import CONFIGS, TRAIN_SCRIPT, run_python
 
 from qwenjax.errors import UserError
 
@@ -303,3 +303,17 @@ def test_dpo_population_is_refused(pairs_file, tmp_path):
     cfg = dpo_config(pairs_file, tmp_path / "cache", tmp_path / "run")
     with pytest.raises(UserError, match="train.objective dpo is not supported in a population"):
         train_population([cfg, cfg.replace(**{"optim.lr": 2e-3})])
+
+
+def test_dpo_on_two_data_parallel_devices_equals_one(pairs_file, qwenjax_cache, tmp_path):
+    """mesh.data=2 with train.grad_accum=2 (pairs split over devices and micro-batches): the same losses and
+    rewards as one device, one batch."""
+    args = [f"data.path={pairs_file}", f"data.cache_dir={qwenjax_cache}", "train.steps=5", "train.log_every=1"]
+    for name, devices, extra in (("one", 1, []), ("two", 2, ["mesh.data=2", "mesh.fsdp=1", "train.grad_accum=2"])):
+        proc = run_python(TRAIN_SCRIPT, str(DPO_TINY), *args, f"run_dir={tmp_path / name}", *extra, devices=devices)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+            for n in ("one", "two")}
+    for a, b in zip(rows["one"], rows["two"], strict=True):
+        for key in ("loss", "reward_margin", "reward_chosen"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (key, a, b)
