@@ -93,8 +93,10 @@ class _TorchSide:
         return time.perf_counter() - t0
 
 
-def bench_train(cfg: RunConfig, *, steps: int = 3, rounds: int = 3, with_torch: bool = True) -> dict[str, Any]:
-    """Tokens/s and MFU of qwenjax's jitted train step (and of torch when `with_torch` and installed)."""
+def bench_train(cfg: RunConfig, *, steps: int = 3, rounds: int = 3, with_torch: bool = True,
+                profile: bool = False) -> dict[str, Any]:
+    """Tokens/s and MFU of qwenjax's jitted train step (and of torch when `with_torch` and installed);
+    `profile` adds the step's time split into parts on both sides (`qwenjax.bench_profile`)."""
     from qwenjax.train.metrics import peak_flops  # JAX (see _JaxSide)
 
     model_cfg = model_config(cfg, vocab_size=cfg.model.vocab_size or 8192)
@@ -131,4 +133,8 @@ def bench_train(cfg: RunConfig, *, steps: int = 3, rounds: int = 3, with_torch: 
         out["ratio"] = round(out["tokens_per_s"] / out["torch_tokens_per_s"], 3)
     if torch_note:
         out["note"] = torch_note
+    if profile:
+        from qwenjax.bench_profile import profile_parts  # JAX (see _JaxSide)
+
+        out["profile"] = profile_parts(sides, cfg, model_cfg, steps, rounds)
     return out

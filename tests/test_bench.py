@@ -25,3 +25,16 @@ def test_bench_rejects_bad_steps(capsys):
     assert cli.main(["bench", "train", *TINY, "--steps", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--steps" in err[0]
+
+
+def test_bench_train_profile_splits_both_sides(capsys):
+    pytest.importorskip("torch")
+    assert cli.main(["bench", "train", *TINY, "--steps", "1", "--rounds", "1", "--profile"]) == 0
+    prof = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["profile"]
+    parts = ("dots", "attention", "elementwise", "loss", "optimizer")
+    assert tuple(prof["parts"]) == parts
+    for side in ("qwenjax", "torch"):
+        ms = {k: v["ms"] for k, v in prof[side].items()}
+        assert all(ms[p] > 0 for p in (*parts, "step"))
+        assert ms["rest"] == pytest.approx(ms["step"] - sum(ms[p] for p in parts), abs=0.05)
+    assert set(prof["torch_over_qwenjax"]) == {*parts, "step"}

@@ -20,6 +20,8 @@ def register(subparsers) -> None:
     t.add_argument("--steps", type=int, default=3, help="steps per timed round (default 3)")
     t.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     t.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    t.add_argument("--profile", action="store_true",
+                   help="also time the step's parts (dots, attention, elementwise, loss, optimizer) on both sides")
     t.set_defaults(func=_run)
 
 
@@ -36,5 +38,6 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError("--steps and --rounds must be positive")
     defaults = [f"{k}={v}" for k, v in BENCH_OVERRIDES.items()] if config is None else []
     cfg = load_config(config, defaults + overrides)
-    print(json.dumps(bench_train(cfg, steps=args.steps, rounds=args.rounds, with_torch=not args.no_torch)))
+    print(json.dumps(bench_train(cfg, steps=args.steps, rounds=args.rounds, with_torch=not args.no_torch,
+                                  profile=args.profile)))
     return 0
