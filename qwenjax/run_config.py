@@ -44,12 +44,14 @@ from qwenjax.run_sections import (
     TrainSection,
     positive,
 )
+from qwenjax.run_stages import parse_stages, stage_changes
 
 __all__ = [
     "DECAY_SHAPES", "MISSING", "SCHEDULES", "CheckpointSection", "DataSection", "EvalSection", "MeshSection",
     "ModelSection", "OptimSection", "RunConfig", "SourceSpec", "TrainSection", "all_keys", "atomic_write_text",
     "config_from_dict", "config_to_dict", "data_parallel_size", "load_config", "missing_keys",
-    "model_config", "parse_overrides", "planned_tokens", "positive", "run_dir", "save_config", "steps_for_tokens",
+    "model_config", "parse_overrides", "planned_tokens", "positive", "run_dir", "save_config", "stage_config",
+    "stage_dir", "steps_for_tokens",
 ]
 
 
@@ -69,6 +71,7 @@ class RunConfig:
     attention: AttentionSection = dataclasses.field(default_factory=AttentionSection)
     dpo: DPOSection = dataclasses.field(default_factory=DPOSection)
     hparams: dict[str, Any] | None = None
+    stages: list[dict[str, Any]] | None = None  # staged training (qwenjax.run_stages, docs/long-context.md)
 
     def __post_init__(self):
         mc = model_config(self, vocab_size=self.model.vocab_size or 1)  # vocab does not matter here
@@ -85,6 +88,13 @@ class RunConfig:
                 f"train.batch_size ({self.train.batch_size}) / train.grad_accum ({self.train.grad_accum}) = "
                 f"{micro} sequences per micro-batch is not divisible by the data-parallel size "
                 f"mesh.data x mesh.fsdp = {dp}")
+        if self.stages is not None:
+            object.__setattr__(self, "stages", parse_stages(self.stages))
+            if not self.checkpoint.enabled and len(self.stages) > 1:
+                raise UserError("stages need checkpoint.enabled: true (each stage starts from the previous "
+                                "stage's checkpoint)")
+            for i in range(len(self.stages)):
+                stage_config(self, i)  # every stage is a valid run config, checked now
 
     def replace(self, **changes) -> RunConfig:
         """A copy with top-level fields or dotted keys replaced: `cfg.replace(**{"optim.lr": 1e-3})`."""
@@ -389,6 +399,21 @@ def _tokenizer_vocab_size(cfg: RunConfig) -> int | None:
     from qwenjax.data.tokenizer import load_tokenizer
 
     return int(load_tokenizer(cfg.data.tokenizer).vocab_size)
+
+
+def stage_dir(cfg: RunConfig, i: int) -> Path:
+    """Stage i's own run directory, inside the staged run's."""
+    return Path(cfg.run_dir).expanduser() / "stages" / str(i)
+
+
+def stage_config(cfg: RunConfig, i: int) -> RunConfig:
+    """Stage i of a staged run as a run config of its own: the run's keys with the stage's on top, in
+    `run_dir/stages/<i>`, starting from stage i - 1's run directory (`model.init_from`)."""
+    previous = str(stage_dir(cfg, i - 1)) if i else None
+    try:
+        return cfg.replace(**stage_changes(cfg, i, str(stage_dir(cfg, i)), previous))
+    except UserError as e:
+        raise UserError(f"stages[{i}]: {e}") from None
 
 
 def planned_tokens(cfg: RunConfig) -> int:

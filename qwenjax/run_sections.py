@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenjax.errors import UserError, did_you_mean
+from qwenjax.run_stages import parse_length_mix
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "1-sqrt")
@@ -188,8 +189,10 @@ class DataSection:
     max_bytes: int | None = None  # read at most this many bytes of the corpus
     format: str = "auto"  # text | chat (JSONL {"messages": [...]}, docs/post-training.md) | auto
     truncate: bool = False  # chat: cut conversations longer than train.seq_len + 1 tokens instead of an error
+    length_mix: Any = None  # {full, short, short_len}: rows with documents cut short (qwenjax.run_stages)
 
     def __post_init__(self):
+        object.__setattr__(self, "length_mix", parse_length_mix(self.length_mix))
         if self.format not in DATA_FORMATS:
             raise UserError(f"data.format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}"
                             + did_you_mean(str(self.format), DATA_FORMATS))

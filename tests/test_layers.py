@@ -21,7 +21,8 @@ ALLOWED = {
     "lock": {"errors"},
     "signals": set(),
     "config": {"errors"},
-    "run_sections": {"errors"},
+    "run_sections": {"errors", "run_stages"},
+    "run_stages": {"errors"},
     "scaling": {"config", "errors"},
     "rope": {"config"},
     "attention": {"attention_flash", "errors", "run_sections"},
@@ -29,7 +30,7 @@ ALLOWED = {
     "model": {"attention", "config", "rope"},
     "data": {"errors", "jsonl", "run_config", "run_sections", "config"},
     "train": {"attention", "config", "data", "errors", "jsonl", "lock", "model", "model_io", "run_config",
-              "run_sections", "signals"},
+              "run_sections", "run_stages", "signals"},
     "evals": {"config", "data", "errors", "hf", "model", "model_io", "run_config", "train"},
 }
 

@@ -18,6 +18,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from qwenjax.data.cache import TokenCache
+from qwenjax.data.length_mix import cut_documents, short_rows
 from qwenjax.errors import UserError
 
 STATE_FORMAT = "qwenjax.data.train_iterator/1"
@@ -109,7 +110,9 @@ def _derive_seed(seed: int, *salt: int) -> int:
 class _BatchFn:
     """Global batch index -> this process's rows, packed."""
 
-    def __init__(self, mixed, caches, eos_id, seq_len, global_batch_size, process_index, local_batch):
+    def __init__(self, mixed, caches, eos_id, seq_len, global_batch_size, process_index, local_batch,
+                 length_mix=None, seed=0):
+        self.length_mix, self.seed = length_mix, seed  # (short share, short_len) or None
         self.mixed = mixed
         self.tokens = [c.train_tokens for c in caches]
         self.eos_id = eos_id
@@ -128,7 +131,11 @@ class _BatchFn:
         for s in np.unique(src):
             rows = src == s
             windows[rows] = _gather(self.tokens[s], win[rows], self.seq_len)
-        return pack_windows(windows, self.eos_id)
+        batch = pack_windows(windows, self.eos_id)
+        if self.length_mix is not None:
+            short = short_rows(step, self.global_batch_size, self.length_mix[0], self.seed)
+            batch = cut_documents(batch, short[self.first:self.first + self.local_batch], self.length_mix[1])
+        return batch
 
 
 class _Tag:
@@ -208,11 +215,14 @@ def make_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     prefetch: int = 2,
+    length_mix: tuple[float, int] | None = None,
 ) -> TrainIterator:
     """Shuffled, repeated, weight-mixed, packed training batches for this process.
 
     Each batch is a `Batch` of `[global_batch_size // process_count, seq_len]` arrays (int32;
     `loss_mask` float32); process i gets rows `[i*b, (i+1)*b)` of every global batch.
+    `length_mix` = (short share, short_len): that share of rows has its documents cut into pieces of at
+    most short_len tokens (`qwenjax.data.length_mix`).
     """
     import grain  # local: grain imports JAX (about 0.5 s); `import qwenjax.data` stays JAX-free
 
@@ -246,12 +256,15 @@ def make_train_iterator(
         ds = grain.MapDataset.range(n).shuffle(seed=_derive_seed(seed, i)).repeat(None).map(_Tag(i))
         sources.append(ds)
     mixed = sources[0] if len(sources) == 1 else grain.MapDataset.mix(sources, weights)
+    if length_mix is not None and not length_mix[0]:
+        length_mix = None  # no short rows: the usual packing
     batch_fn = _BatchFn(mixed, caches, caches[0].eos_id, seq_len, global_batch_size, int(process_index),
-                        local)
+                        local, length_mix, int(seed))
     batches = grain.MapDataset.range(len(mixed) // global_batch_size).map(batch_fn)
     fp = hashlib.sha256(json.dumps({
         "caches": [c.key for c in caches], "weights": weights, "seq_len": seq_len,
         "global_batch_size": global_batch_size, "seed": int(seed), "version": 1,
+        **({"length_mix": list(length_mix)} if length_mix is not None else {}),
     }, sort_keys=True).encode()).hexdigest()[:16]
     return TrainIterator(batches, fp, prefetch)
 

@@ -54,6 +54,7 @@ from qwenjax.train.run_dir import (
     write_summary,
 )
 from qwenjax.train.setup import RunSetup, resolve_dtype, setup_run
+from qwenjax.train.stages import train_stages
 from qwenjax.train.start import initial_state
 from qwenjax.train.step import (
     abstract_state,
@@ -264,6 +265,8 @@ def train(cfg: RunConfig, forks: Sequence[RunConfig] = ()) -> dict[str, Any]:
     unset = missing_keys(cfg)
     if unset:
         raise UserError(f"{unset[0]} is not set (the config has ???); pass {unset[0]}=VALUE")
+    if cfg.stages:  # a staged run: each stage a run of its own in run_dir/stages/<i> (train/stages.py)
+        return train_stages(cfg, train, forks)
     forks_at = fork_steps(cfg, forks)
     run_dir = Path(cfg.run_dir).expanduser()
     is_main = jax.process_index() == 0

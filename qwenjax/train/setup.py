@@ -17,6 +17,7 @@ from qwenjax.data import make_eval_batches, make_train_iterator
 from qwenjax.data.prepare import DataSetup, prepare_data
 from qwenjax.errors import UserError
 from qwenjax.run_config import RunConfig, model_config
+from qwenjax.run_stages import short_len_of
 from qwenjax.train import metrics as qmetrics
 from qwenjax.train import sharding
 from qwenjax.train.compile import setup_compilation_cache
@@ -79,8 +80,10 @@ def setup_run(cfg: RunConfig) -> RunSetup:
             seq_len=T, batch_size=eval_bs, num_batches=cfg.eval.num_batches(eval_bs), truncate=cfg.data.truncate,
             process_index=e_block, process_count=e_blocks)]]
     else:
+        mix = cfg.data.length_mix  # rows of shorter documents (qwenjax.data.length_mix)
         train_iter = make_train_iterator(data.caches, data.weights, seq_len=T, global_batch_size=B,
-                                         seed=cfg.seed, process_index=block, process_count=n_blocks)
+                                         seed=cfg.seed, process_index=block, process_count=n_blocks,
+                                         length_mix=mix and (mix["short"], short_len_of(mix, T)))
         eval_sets = [[sharding.global_batch(b, mesh, eval_bs) for b in make_eval_batches(
             c, seq_len=T, batch_size=eval_bs, num_batches=cfg.eval.num_batches(eval_bs), process_index=e_block,
             process_count=e_blocks)] for c in data.caches]
