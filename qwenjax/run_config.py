@@ -40,6 +40,7 @@ from qwenjax.run_sections import (
     MeshSection,
     ModelSection,
     OptimSection,
+    RLSection,
     SourceSpec,
     TrainSection,
     positive,
@@ -70,6 +71,7 @@ class RunConfig:
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     attention: AttentionSection = dataclasses.field(default_factory=AttentionSection)
     dpo: DPOSection = dataclasses.field(default_factory=DPOSection)
+    rl: RLSection = dataclasses.field(default_factory=RLSection)  # qwenjax rl (GRPO)
     hparams: dict[str, Any] | None = None
     stages: list[dict[str, Any]] | None = None  # staged training (qwenjax.run_stages, docs/long-context.md)
 

@@ -283,6 +283,50 @@ class DPOSection:
             raise UserError(f"dpo.label_smoothing must be in [0, 0.5), got {eps!r}")
 
 
+RL_VERIFIERS = ("auto", "answer", "tests", "reward_model")  # = qwenjax.post.rl_verify.VERIFIERS
+
+
+@dataclasses.dataclass(frozen=True)
+class RLSection:
+    """`qwenjax rl` (GRPO, qwenjax.post.grpo, docs/post-training.md "GRPO"): G = group_size answers sampled per
+    prompt, scored by `verifier`, trained with a clipped policy gradient and a k3 KL penalty (kl_beta) to the
+    frozen starting model."""
+
+    prompts: str = ""  # JSONL: prompt + answer, or prompt + tests (as `qwenjax pairs` reads)
+    group_size: int = 8  # G answers per prompt, one batched decode
+    prompts_per_step: int = 4  # the step's batch is prompts_per_step x group_size sequences
+    clip_eps: float = 0.2  # PPO ratio clip
+    kl_beta: float = 0.04  # k3 KL penalty coefficient
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    verifier: str = "auto"  # auto (answer or tests per prompt) | answer | tests | reward_model
+    reward_model: str = ""  # a model dir with num_labels 1 (train.objective reward), for verifier reward_model
+    timeout_s: float = 10.0  # sandbox limits for tests
+    memory_mb: int = 1024
+
+    def __post_init__(self):
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g < 2:
+            raise UserError(f"rl.group_size must be an integer >= 2 (advantages compare answers within a group), "
+                            f"got {g!r}")
+        for key in ("prompts_per_step", "max_new_tokens", "memory_mb"):
+            positive(f"rl.{key}", getattr(self, key))
+        if self.verifier not in RL_VERIFIERS:
+            raise UserError(f"rl.verifier must be one of {', '.join(RL_VERIFIERS)}, got {self.verifier!r}"
+                            + did_you_mean(str(self.verifier), RL_VERIFIERS))
+        if self.verifier == "reward_model" and not self.reward_model:
+            raise UserError("rl.verifier reward_model needs rl.reward_model (a model dir trained with "
+                            "train.objective reward)")
+        checks = (("clip_eps", 0 < self.clip_eps < 1, "in (0, 1)"), ("kl_beta", self.kl_beta >= 0, ">= 0"),
+                  ("temperature", self.temperature > 0, "> 0"), ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+                  ("timeout_s", self.timeout_s > 0, "> 0"))
+        for key, ok, rule in checks:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not ok:
+                raise UserError(f"rl.{key} must be {rule}, got {value!r}")
+
+
 def positive(key: str, value) -> None:
     """UserError unless `value` is an int >= 1 (bool excluded)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
