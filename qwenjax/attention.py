@@ -176,7 +176,7 @@ def resolve(impl: str, q_BTNH, k_BSKH, *, cached: bool = False) -> str:
     backend = jax.default_backend()
     if impl in _PLATFORM and backend != _PLATFORM[impl][0]:
         raise UserError(f"attention.impl={impl} needs {_PLATFORM[impl][1]}, but JAX runs on {backend}; use "
-                        f"attention.impl=auto (or reference, blockwise)")
+                        f"attention.impl=auto (or reference, blockwise, flash)")
     if cached:
         return impl if impl in ("reference", "blockwise") else "blockwise"  # flash included: no cache
     if impl == AUTO:
