@@ -388,6 +388,8 @@ def model_config(cfg: RunConfig, *, vocab_size: int | None = None) -> ModelConfi
     if m.preset is None and "max_window_layers" not in changes:
         # ModelConfig's default (28) is the 0.5B's layer count; without a preset follow the model's depth.
         changes["max_window_layers"] = changes.get("num_hidden_layers", ModelConfig.num_hidden_layers)
+    if cfg.train.objective == "reward":  # a reward model: one score instead of the lm_head (qwenjax.train.reward)
+        changes["num_labels"] = 1
     try:
         return preset(m.preset, **changes) if m.preset else ModelConfig(**changes)
     except TypeError as e:

@@ -18,7 +18,7 @@ SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "1-sqrt")
 ATTENTION_IMPLS = ("auto", "reference", "blockwise", "flash", "cudnn", "splash")  # auto + qwenjax.attention.KERNELS
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "offload")  # none + qwenjax.model's
-OBJECTIVE_NAMES = ("next_token", "sft", "dpo")  # = qwenjax.train.objectives.OBJECTIVES (tests/test_sft.py)
+OBJECTIVE_NAMES = ("next_token", "sft", "dpo", "reward")  # = qwenjax.train.objectives.OBJECTIVES (tests/test_sft.py)
 DPO_LOSSES = ("sigmoid", "ipo")  # = qwenjax.train.dpo.LOSSES
 DPO_REFERENCES = ("step", "cached")  # = qwenjax.train.dpo.REFERENCES
 DATA_FORMATS = ("auto", "text", "chat")  # auto: chat for train.objective sft or JSONL with "messages"

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import CONFIGS
+from test_dpo import arithmetic_pairs
 
 from qwenjax import hf, model_io
 from qwenjax.config import ModelConfig
@@ -129,3 +131,102 @@ def test_objective_equals_bradley_terry_in_numpy():
     # the gradient reaches the head and the backbone
     grads = jax.grad(lambda p: obj.sums(p, None, batch, {}, config)[0])(params)
     assert float(jnp.abs(grads["score"]["kernel"]).sum()) > 0 and float(jnp.abs(grads["embed_tokens"]).sum()) > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training (configs/reward-tiny.yaml on synthetic arithmetic pairs)
+
+REWARD_TINY = CONFIGS / "reward-tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    f.write_text("".join(json.dumps(p) + "\n" for p in arithmetic_pairs(400)))
+    return f
+
+
+def reward_config(pairs_file, cache, run_dir, *extra):
+    from qwenjax.run_config import load_config
+
+    return load_config(REWARD_TINY, [f"data.path={pairs_file}", f"data.cache_dir={cache}", f"run_dir={run_dir}",
+                                     *extra])
+
+
+def metric_rows(run) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_reward_tiny_run_accuracy_rises(pairs_file, qwenjax_cache, tmp_path):
+    """From a fresh init the chosen answers' reward pulls ahead; the model directory exports to HF."""
+    from qwenjax.train import train
+
+    run = tmp_path / "rm"
+    summary = train(reward_config(pairs_file, qwenjax_cache, run, "train.log_every=1"))
+    rows = metric_rows(run)
+    assert summary["status"] == "ok" and len(rows) == 20, rows
+    assert {"accuracy", "margin", "reward_chosen", "reward_rejected"} <= rows[-1].keys()
+    late = rows[-5:]
+    assert np.mean([r["accuracy"] for r in late]) >= 0.9, rows
+    assert np.mean([r["margin"] for r in late]) > rows[0]["margin"] + 1.0, rows
+    assert np.mean([r["loss"] for r in late]) < 0.5 * np.log(2), rows
+    assert np.isfinite(summary["eval_loss"]) and summary["eval_loss"] < np.log(2)
+    config, _ = model_io.load_model(run / "model")
+    assert config.num_labels == 1
+
+
+@pytest.fixture(scope="module")
+def lm_stage(pairs_file, qwenjax_cache, tmp_path_factory):
+    """A language-model stage with an lm_head (untied): 3 DPO steps on the same pairs and tokenizer."""
+    from qwenjax.run_config import load_config
+    from qwenjax.train import train
+
+    run = tmp_path_factory.mktemp("lm") / "run"
+    train(load_config(CONFIGS / "dpo-tiny.yaml", [f"data.path={pairs_file}", f"data.cache_dir={qwenjax_cache}",
+                                                 f"run_dir={run}", "train.steps=3", "model.tie_word_embeddings=false"]))
+    return run
+
+
+def test_reward_from_an_lm_stage_then_to_hf(run_cli, pairs_file, qwenjax_cache, lm_stage, tmp_path):
+    """model.init_from an LM run: its backbone, no lm_head, a zero head (step 1: loss log 2, margin 0); the
+    result converts to a HF Qwen2ForSequenceClassification that transformers loads and that scores the same."""
+    from qwenjax.train import train
+
+    run = tmp_path / "rm"
+    train(reward_config(pairs_file, qwenjax_cache, run, f"model.init_from={lm_stage}", "train.steps=4",
+                        f"data.tokenizer={lm_stage / 'model' / 'tokenizer.model'}", "model.tie_word_embeddings=false",
+                        "train.log_every=1"))
+    rows = metric_rows(run)
+    assert rows[0]["loss"] == pytest.approx(np.log(2), abs=1e-6) and rows[0]["margin"] == 0.0
+    assert rows[-1]["margin"] != 0.0
+    lm_cfg, lm_params = model_io.load_model(lm_stage / "model")
+    config, params = model_io.load_model(run / "model")
+    assert "lm_head" in lm_params and "lm_head" not in params and config.num_labels == 1
+    # convert --to-hf: config.json names the sequence classifier and the pad token (the tokenizer's eos)
+    status, out, err = run_cli("convert", "--from", run / "model", "--to-hf", tmp_path / "hf")
+    assert status == 0, err
+    d = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert d["architectures"] == ["Qwen2ForSequenceClassification"] and d["num_labels"] == 1
+    pad = d["pad_token_id"]
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf",
+                                                                            attn_implementation="eager").eval()
+    tokens = np.random.default_rng(2).integers(0, config.vocab_size, (2, 10))
+    tokens[tokens == pad] = pad + 1
+    tokens[1, 6:] = pad
+    ours = np.asarray(_rewards(params, tokens, config, pad))
+    assert np.abs(torch_rewards(model, tokens) - ours).max() < TOL
+
+
+def test_bad_pairs_via_cli_exit_2(run_cli, pairs_file, qwenjax_cache, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = pairs_file.read_text().splitlines()[:20]
+    lines[6] = json.dumps({"prompt": "What is 1 + 1?", "chosen": "2", "rejected": ""})
+    bad.write_text("\n".join(lines) + "\n")
+    status, _, err = run_cli("train", REWARD_TINY, f"data.path={bad}", f"data.cache_dir={qwenjax_cache}",
+                             f"run_dir={tmp_path / 'run'}")
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert status == 2 and f"{bad}:7: \"rejected\" is empty" in lines[-1], err
+    assert sum(x.startswith("qwenjax: error") for x in lines) == 1 and "Traceback" not in err
+    status, _, err = run_cli("train", REWARD_TINY, f"data.path={bad}", "train.objective=rewards",
+                             f"run_dir={tmp_path / 'run2'}")
+    assert status == 2 and "did you mean" in err and "reward" in err

@@ -4,7 +4,9 @@
     qwenjax convert --from MODEL_DIR --to-hf HF_DIR [--dtype D]
 
 Tokenizer files found beside the source weights (tokenizer.json, *.model, generation_config.json, ...) are
-copied to the destination so `qwenjax generate --checkpoint DEST` finds them.
+copied to the destination so `qwenjax generate --checkpoint DEST` finds them. A reward model (num_labels) goes
+to HF as Qwen2ForSequenceClassification, with `pad_token_id` = that tokenizer's end-of-text id (the padding of
+qwenjax's batches), which transformers needs to find each row's last token.
 """
 
 from __future__ import annotations
@@ -45,6 +47,15 @@ def _copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def _pad_token_id(src: Path) -> int | None:
+    from qwenjax.data.tokenizer import load_tokenizer  # on use, as the other imports of this command
+
+    try:
+        return load_tokenizer(src).eos_id
+    except UserError:  # no tokenizer beside the weights: transformers then scores batches of one row
+        return None
+
+
 def _check_destination(path: Path, flag: str) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"{flag} {path} already exists and is not empty; choose a new folder")
@@ -74,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         src, dst = Path(args.from_model).expanduser(), Path(args.to_hf).expanduser()
         _check_destination(dst, "--to-hf")
         config, params = model_io.load_model(src)
-        hf.save_hf(dst, config, params, dtype=args.dtype)
+        pad = _pad_token_id(src) if config.num_labels is not None else None
+        hf.save_hf(dst, config, params, dtype=args.dtype, extra_config=None if pad is None else {"pad_token_id": pad})
         written = args.dtype or config.param_dtype
     copied = _copy_tokenizer_files(src, dst)
     total, _ = count_params(config)

@@ -92,7 +92,7 @@ def prepare_data(cfg: RunConfig) -> DataSetup:
         if not files:
             raise UserError(f"data path {path} holds no files")
         sources.append((path, files, weight))
-    if cfg.train.objective == "dpo":
+    if cfg.train.objective in ("dpo", "reward"):  # preference pairs
         return prepare_pairs(cfg, sources)
     if is_chat(cfg, [f for _, files, _ in sources for f in files]):
         return prepare_chat(cfg, sources)
@@ -158,7 +158,8 @@ def prepare_pairs(cfg: RunConfig, sources: list) -> DataSetup:
     stage after SFT should not do) is trained on the rendered prompt + answer texts."""
     d = cfg.data
     if len(sources) != 1:
-        raise UserError("train.objective dpo takes one data.path (a JSONL file of pairs), not data.sources")
+        raise UserError(f"train.objective {cfg.train.objective} takes one data.path (a JSONL file of pairs), not "
+                        "data.sources")
     files = sources[0][1]
     cache_root = d.resolved_cache_dir()
     if d.tokenizer:

@@ -29,6 +29,7 @@ from qwenjax.config import ModelConfig
 from qwenjax.data import BATCH_DTYPES
 from qwenjax.run_config import RunConfig
 from qwenjax.train.dpo import DPOLoss
+from qwenjax.train.reward import RewardLoss
 
 #: the batch schema of packed next-token data (what qwenjax.data yields), with each array's dtype
 TOKEN_BATCH = BATCH_DTYPES
@@ -75,7 +76,7 @@ class NextTokenLoss:
 NEXT_TOKEN = NextTokenLoss()
 #: `train.objective` -> objective. SFT is next-token loss over the loss mask, which chat batches set to the
 #: assistant tokens (qwenjax.data.chat), so it is the same objective (and the same compiled step).
-OBJECTIVES = {NEXT_TOKEN.name: NEXT_TOKEN, "sft": NEXT_TOKEN, "dpo": DPOLoss()}
+OBJECTIVES = {NEXT_TOKEN.name: NEXT_TOKEN, "sft": NEXT_TOKEN, "dpo": DPOLoss(), "reward": RewardLoss()}
 
 
 def objective_of(run_cfg: RunConfig, heldout: bool = False):

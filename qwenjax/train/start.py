@@ -12,6 +12,9 @@ schedule, batch size, ...).
 Either way the train step counter, which drives the learning-rate schedule, restarts at 0: each stage has
 its own warmup and decay over its own train.steps. (Resuming an interrupted run from its own checkpoint
 is something else: it restores everything, step counter included.)
+
+A reward model (`train.objective: reward`) from a language-model stage takes its backbone, drops its lm_head
+and starts its score head at zeros (qwenjax.train.reward.from_lm), with fresh Adam moments.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from qwenjax import model_io
 from qwenjax.config import ModelConfig
 from qwenjax.errors import UserError
 from qwenjax.run_config import RunConfig
-from qwenjax.train import optim
-from qwenjax.train.run_dir import checkpoint_steps, model_dir_of, restore_run_state
+from qwenjax.train import optim, reward, sharding
+from qwenjax.train.run_dir import checkpoint_steps, model_dir_of, restore_run_state, run_model_config
 from qwenjax.train.step import State, abstract_state, init_state_sharded
 
 
@@ -38,6 +41,17 @@ def initial_state(cfg: RunConfig, model_cfg: ModelConfig, rng, mesh, state_sh) -
         return init_state_sharded(model_cfg, rng, mesh)
     source = Path(cfg.model.init_from).expanduser()
     keep_opt = cfg.train.resume_optimizer
+    if model_cfg.num_labels is not None and _source_labels(source) is None:  # an LM stage -> a reward model
+        if keep_opt:
+            raise UserError(f"train.resume_optimizer: true cannot carry a language model's Adam state ("
+                            f"{source}) into a reward model; set it to false")
+        lm_cfg = model_cfg.replace(num_labels=None)
+        lm_sh = sharding.state_shardings(abstract_state(lm_cfg), mesh, lm_cfg)
+        lm = initial_state(cfg, lm_cfg, rng, mesh, lm_sh)["params"]
+        params = jax.device_put(reward.from_lm(lm, model_cfg), state_sh["params"])
+        opt_state = jax.jit(optim.init_opt_state, out_shardings=state_sh["opt_state"])(params)
+        return {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.zeros((), jnp.int32),
+                                                                                  state_sh["step"])}
     if (source / "config.yaml").is_file() and checkpoint_steps(source):
         _, saved, _ = restore_run_state(source, lambda abstract: state_sh,
                                         expect=lambda c: _check_shapes(cfg, model_cfg, c))
@@ -63,6 +77,18 @@ def initial_state(cfg: RunConfig, model_cfg: ModelConfig, rng, mesh, state_sh) -
         opt_state = jax.jit(optim.init_opt_state, out_shardings=state_sh["opt_state"])(params)
     step0 = jax.device_put(jnp.zeros((), jnp.int32), state_sh["step"])
     return {"params": params, "opt_state": opt_state, "step": step0}
+
+
+def _source_labels(source: Path) -> int | None:
+    """The `num_labels` of the model `model.init_from` names (None: a language model, or unreadable here)."""
+    try:
+        if model_io.is_model_dir(source):
+            return model_io.load_config(source).num_labels
+        if (source / "config.yaml").is_file():
+            return run_model_config(source).num_labels
+    except UserError:
+        return None  # initial_state's own checks name the problem
+    return None
 
 
 def _check_shapes(cfg: RunConfig, model_cfg: ModelConfig, loaded_cfg: ModelConfig) -> None:
