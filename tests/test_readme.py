@@ -17,7 +17,7 @@ README = (ROOT / "README.md").read_text()
 EXERCISED_BY = {
     "train": "tests/test_train.py", "bench": "tests/test_bench.py", "sweep": "tests/test_sweep_run.py",
     "fit": "tests/test_scaling_cli.py", "predict": "tests/test_scaling_cli.py", "convert": "tests/test_hf.py",
-    "generate": "tests/test_generate.py", "demo": "tests/test_demo.py",
+    "generate": "tests/test_generate.py", "demo": "tests/test_demo.py", "plan": "tests/test_plan.py",
 }
 
 
