@@ -73,7 +73,7 @@ class RunConfig:
     dpo: DPOSection = dataclasses.field(default_factory=DPOSection)
     rl: RLSection = dataclasses.field(default_factory=RLSection)  # qwenjax rl (GRPO)
     hparams: dict[str, Any] | None = None
-    stages: list[dict[str, Any]] | None = None  # staged training (qwenjax.run_stages, docs/long-context.md)
+    stages: list[Any] | None = None  # staged training (qwenjax.run_stages, docs/long-context.md)
 
     def __post_init__(self):
         mc = model_config(self, vocab_size=self.model.vocab_size or 1)  # vocab does not matter here
