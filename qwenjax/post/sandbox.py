@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -27,8 +26,14 @@ import sys
 import tempfile
 import time
 
-#: prepended to every program: refuse sockets from Python even where no network namespace is available
-_NO_NETWORK = """\
+#: prepended to every program: its limits (set by the child itself, so the parent forks no Python code:
+#: a fork hook in a multithreaded parent such as JAX's can deadlock), then sockets refused from Python even
+#: where no network namespace is available
+_PRELUDE = """\
+import resource as _r
+for _k, _v in {limits!r}:
+    _r.setrlimit(getattr(_r, _k), (_v, _v))
+del _r, _k, _v
 import socket as _s
 def _refused(*a, **k):
     raise OSError("network access is disabled in the qwenjax sandbox")
@@ -66,14 +71,9 @@ def network_namespace_available() -> bool:
         return False
 
 
-def _limits(memory_bytes: int, cpu_s: int, file_bytes: int) -> None:
-    """In the child, before exec: its resource limits and its own process group (killed as one)."""
-    os.setsid()
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+def _limits(memory_bytes: int, cpu_s: int, file_bytes: int) -> list[tuple[str, int]]:
+    return [("RLIMIT_AS", memory_bytes), ("RLIMIT_CPU", cpu_s), ("RLIMIT_FSIZE", file_bytes),
+            ("RLIMIT_NOFILE", 64), ("RLIMIT_CORE", 0)]
 
 
 def run_python(program: str, *, timeout_s: float = 10.0, memory_bytes: int = 1 << 30,
@@ -82,14 +82,14 @@ def run_python(program: str, *, timeout_s: float = 10.0, memory_bytes: int = 1 <
     with tempfile.TemporaryDirectory(prefix="qwenjax-sandbox-") as tmp:
         path = os.path.join(tmp, "candidate.py")
         with open(path, "w", encoding="utf-8") as fh:
-            fh.write(_NO_NETWORK + program)
+            fh.write(_PRELUDE.format(limits=_limits(memory_bytes, int(timeout_s) + 1, file_bytes)) + program)
         cmd = [sys.executable, "-I", "-S", "-B", path]  # isolated: no site, no user paths, no env vars
         if network_namespace_available():
             cmd = [shutil.which("unshare") or "unshare", "-rn", *cmd]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=tmp, env={"PATH": "/usr/bin:/bin", "HOME": tmp},
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                preexec_fn=functools.partial(_limits, memory_bytes, int(timeout_s) + 1, file_bytes))
+                                start_new_session=True)  # its own process group, killed as one
         try:
             out, _ = proc.communicate(timeout=timeout_s)
             timed_out = False
