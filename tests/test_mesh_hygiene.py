@@ -58,3 +58,21 @@ def test_no_involuntary_rematerialization_and_same_losses(single_device_losses, 
         assert len(out[name]) == len(single_device_losses) == 3, name
         for a, b in zip(out[name], single_device_losses, strict=True):
             assert math.isclose(a, b, rel_tol=1e-5), f"{name}: {out[name]} vs {single_device_losses}"
+
+
+def test_plan_of_7b_on_a_data_fsdp_tensor_mesh_has_no_involuntary_rematerialization():
+    """The issue's second case: the 7B train step as `qwenjax plan` compiles it for 32 devices (2 x 4 x 4)."""
+    import subprocess
+    import sys
+
+    from conftest import CONFIGS, subprocess_env
+
+    argv = [sys.executable, "-m", "qwenjax.cli", "plan", str(CONFIGS / "qwen2.5-7b.yaml"), "train.seq_len=4096",
+            "train.batch_size=8", "mesh.data=2", "mesh.fsdp=4", "mesh.tensor=4", "--devices", "32",
+            "--max-compiles", "1"]
+    r = subprocess.run(argv, env=subprocess_env(1, TF_CPP_MIN_LOG_LEVEL="0"), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["mesh"] == {"data": 2, "fsdp": 4, "tensor": 4}
+    warnings = [line[:300] for line in r.stderr.splitlines() if WARNING in line]
+    assert not warnings, "XLA resharded by full replication:\n" + "\n".join(warnings)
