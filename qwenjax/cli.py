@@ -14,7 +14,7 @@ import sys
 from qwenjax.errors import UserError
 
 COMMANDS = ("convert", "generate", "tokenizer", "train", "export", "bench", "sweep", "fit", "predict", "demo",
-            "plan", "eval", "pairs")
+            "plan", "eval", "pairs", "rl")
 
 
 def package_version() -> str:
