@@ -47,6 +47,9 @@ class ModelConfig:
     # None: a causal LM (HF Qwen2ForCausalLM). n: a sequence classifier (HF Qwen2ForSequenceClassification):
     # a `score` [hidden, n] head instead of the lm_head; a reward model has n = 1 (train.objective reward)
     num_labels: int | None = None
+    # HF's `dual_chunk_attention_config` (Qwen2.5-1M): chunk_size, local_size, original_max_position_embeddings;
+    # None: plain attention. Sorted items, as rope_scaling. Inference only (qwenjax/dca.py).
+    dual_chunk_attention_config: tuple[tuple[str, Any], ...] | None = None
     # Runtime layout and memory choices (RUNTIME_FIELDS), not part of the checkpoint:
     scan_layers: bool | None = None  # layers stacked on a leading axis under lax.scan; None: from SCAN_MIN_LAYERS
     remat: str = "none"  # the layer body's jax.checkpoint policy (set from train.remat, validated there)
@@ -56,6 +59,10 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
         elif self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", tuple(sorted(tuple(kv) for kv in self.rope_scaling)))
+        if self.dual_chunk_attention_config is not None:
+            object.__setattr__(self, "dual_chunk_attention_config", _dca_items(self.dual_chunk_attention_config))
+            if self.use_sliding_window:
+                raise UserError("model.dual_chunk_attention_config cannot be combined with use_sliding_window")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             value = getattr(self, name)
@@ -107,6 +114,11 @@ class ModelConfig:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
 
     @property
+    def dca_dict(self) -> dict[str, Any] | None:
+        """The dual chunk attention settings as a dict (HF `dual_chunk_attention_config`), or None."""
+        return dict(self.dual_chunk_attention_config) if self.dual_chunk_attention_config is not None else None
+
+    @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return dict(self.rope_scaling) if self.rope_scaling is not None else None
 
@@ -135,6 +147,9 @@ class ModelConfig:
         for name in ("dtype", "param_dtype", "num_labels", *RUNTIME_FIELDS):
             d.pop(name)
         d["rope_scaling"] = self.rope_scaling_dict
+        d["dual_chunk_attention_config"] = self.dca_dict
+        if d["dual_chunk_attention_config"] is None:
+            d.pop("dual_chunk_attention_config")
         d["head_dim"] = self.resolved_head_dim
         d.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu", attention_dropout=0.0,
                  torch_dtype=self.param_dtype, use_cache=True)
@@ -174,6 +189,24 @@ class ModelConfig:
             return cls(**kwargs)
         except TypeError as e:
             raise UserError(f"config.json: {e}") from None
+
+
+def _dca_items(value) -> tuple[tuple[str, Any], ...]:
+    """Validated `dual_chunk_attention_config` items: chunk_size > local_size >= 0 (the chunk_len
+    chunk_size - local_size must be positive), original_max_position_embeddings optional. vLLM's sparse prefill
+    keys (`sparse_attention_*`) are dropped: not implemented, and their values are not hashable."""
+    items = dict(value) if isinstance(value, Mapping) else dict(tuple(kv) for kv in value)
+    items = {k: v for k, v in items.items() if not str(k).startswith("sparse_attention")}
+    for name in ("chunk_size", "local_size", "original_max_position_embeddings"):
+        v = items.get(name)
+        if name != "original_max_position_embeddings" and v is None:
+            raise UserError(f"model.dual_chunk_attention_config.{name} is required")
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (name == "chunk_size")):
+            raise UserError(f"model.dual_chunk_attention_config.{name} must be a non-negative integer, got {v!r}")
+    if items["local_size"] >= items["chunk_size"]:
+        raise UserError(f"model.dual_chunk_attention_config: local_size ({items['local_size']}) must be smaller "
+                        f"than chunk_size ({items['chunk_size']})")
+    return tuple(sorted(items.items()))
 
 
 #: the fields a preset fixes (its shape and the numbers of the released config.json files): a sweep entry that

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwenjax import dca
 from qwenjax.attention import attend
 from qwenjax.config import ModelConfig
 from qwenjax.rope import apply_rope, rope_cos_sin
@@ -127,6 +128,7 @@ class Attention(nnx.Module):
         D, H = config.hidden_size, config.resolved_head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, H
         self.window = window
+        self.dca = config if config.dual_chunk_attention_config is not None else None  # qwenjax/dca.py
         self.q_proj = Linear(D, self.num_heads * H, bias=True, config=config, rngs=rngs)
         self.k_proj = Linear(D, self.num_kv_heads * H, bias=True, config=config, rngs=rngs)
         self.v_proj = Linear(D, self.num_kv_heads * H, bias=True, config=config, rngs=rngs)
@@ -135,7 +137,12 @@ class Attention(nnx.Module):
     def __call__(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, attention_impl, kv_cache=None, cache_index=None):
         B, T, _ = x_BTD.shape
         N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
-        q_BTNH = constrain(apply_rope(self.q_proj(x_BTD).reshape(B, T, N, H), cos_BTH, sin_BTH), _BTNH)
+        S = T if kv_cache is None else kv_cache[0].shape[1]
+        use_dca = self.dca is not None and not dca.fits_one_chunk(self.dca, S)  # one chunk: plain attention
+        q_raw_BTNH = self.q_proj(x_BTD).reshape(B, T, N, H)
+        if use_dca:  # keys at slot mod chunk_len; the query is rotated three ways in dca.attend
+            cos_BTH, sin_BTH = dca.key_cos_sin(self.dca, B, T, cache_index, cos_BTH.dtype)
+        q_BTNH = constrain(apply_rope(q_raw_BTNH, cos_BTH, sin_BTH), _BTNH)
         k_BTKH = constrain(apply_rope(self.k_proj(x_BTD).reshape(B, T, K, H), cos_BTH, sin_BTH), _BTKH)
         v_BTKH = constrain(self.v_proj(x_BTD).reshape(B, T, K, H), _BTKH)
         if kv_cache is not None:  # write this chunk at cache_index, attend over the whole (masked) cache
@@ -144,8 +151,12 @@ class Attention(nnx.Module):
             kv_cache = (k_BSKH, v_BSKH)
         else:
             k_BSKH, v_BSKH = k_BTKH, v_BTKH
-        out_BTNH = attend(q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), impl=attention_impl,
-                          segment_ids_BT=segment_ids_BT, window=self.window, q_offset=cache_index)
+        if use_dca:
+            out_BTNH = dca.attend(self.dca, q_raw_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype),
+                                  q_offset=cache_index, segment_ids_BT=segment_ids_BT)
+        else:
+            out_BTNH = attend(q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), impl=attention_impl,
+                              segment_ids_BT=segment_ids_BT, window=self.window, q_offset=cache_index)
         out_BTNH = constrain(out_BTNH, _BTNH)
         return self.o_proj(out_BTNH.reshape(B, T, N * H)), kv_cache
 
