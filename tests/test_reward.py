@@ -103,6 +103,18 @@ def test_segment_ends_and_score_tokens():
                                         jnp.zeros((1, 5)))[2][0])
 
 
+def test_param_counts_of_a_reward_model():
+    from qwenjax.config import param_counts
+    from qwenjax.model import count_params
+
+    for tie in (False, True):
+        config = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, num_labels=1, tie_word_embeddings=tie)
+        assert param_counts(config) == count_params(config)
+        lm = config.replace(num_labels=None, tie_word_embeddings=True)
+        assert count_params(config)[0] == count_params(lm)[0] + 32  # the head instead of an lm_head
+
+
 def test_objective_equals_bradley_terry_in_numpy():
     config = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, num_labels=1, initializer_range=0.3)
@@ -198,6 +210,7 @@ def test_reward_from_an_lm_stage_then_to_hf(run_cli, pairs_file, qwenjax_cache, 
                         "train.log_every=1"))
     rows = metric_rows(run)
     assert rows[0]["loss"] == pytest.approx(np.log(2), abs=1e-6) and rows[0]["margin"] == 0.0
+    assert rows[0]["accuracy"] == 0.0  # every reward is 0: all ties
     assert rows[-1]["margin"] != 0.0
     lm_cfg, lm_params = model_io.load_model(lm_stage / "model")
     config, params = model_io.load_model(run / "model")
@@ -230,3 +243,20 @@ def test_bad_pairs_via_cli_exit_2(run_cli, pairs_file, qwenjax_cache, tmp_path):
     status, _, err = run_cli("train", REWARD_TINY, f"data.path={bad}", "train.objective=rewards",
                              f"run_dir={tmp_path / 'run2'}")
     assert status == 2 and "did you mean" in err and "reward" in err
+
+
+def test_reward_run_resumes_exactly_and_exports(pairs_file, qwenjax_cache, tmp_path):
+    """2 steps + 2 resumed steps (the score head in the checkpoint) log the losses of 4 straight steps; the
+    run's newest checkpoint exports as a reward model directory."""
+    from qwenjax.train import export_model, train
+
+    common = ["train.log_every=1", "checkpoint.every_steps=2", "train.steps=4"]
+    train(reward_config(pairs_file, qwenjax_cache, tmp_path / "straight", *common))
+    train(reward_config(pairs_file, qwenjax_cache, tmp_path / "split", *common[:2], "train.steps=2"))
+    train(reward_config(pairs_file, qwenjax_cache, tmp_path / "split", *common))
+    straight, split = metric_rows(tmp_path / "straight"), metric_rows(tmp_path / "split")
+    assert len(straight) == 4 and [r["loss"] for r in split] == [r["loss"] for r in straight]
+    assert [r["margin"] for r in split] == [r["margin"] for r in straight]
+    out = export_model(tmp_path / "split", tmp_path / "exported")
+    config, params = model_io.load_model(out)
+    assert config.num_labels == 1 and params["score"]["kernel"].shape == (config.hidden_size, 1)
