@@ -13,7 +13,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 
 from qwenjax import attention, dca
 from qwenjax.config import ModelConfig

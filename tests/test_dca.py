@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwenjax import cli, dca
+from qwenjax import cli, dca, model_io
 from qwenjax import generate as gen
 from qwenjax.config import ModelConfig, load_hf_config
 from qwenjax.errors import UserError
@@ -142,6 +142,8 @@ def test_hf_config_loads_round_trips_and_validates(tmp_path):
     assert ModelConfig.from_hf_dict(config.to_hf_dict()).to_hf_dict() == config.to_hf_dict()
     assert config.to_hf_dict()["dual_chunk_attention_config"] == QWEN_1M_CONFIG["dual_chunk_attention_config"]
     assert "dual_chunk_attention_config" not in TINY.to_hf_dict()
+    saved = json.loads(json.dumps(model_io.config_to_dict(config)))  # a model directory's model_config.json
+    assert model_io.config_from_dict(saved) == config
     with pytest.raises(UserError, match="local_size"):
         _dca_config(64, 64)
 
