@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CONFIGS
+from conftest import CONFIGS, TRAIN_SCRIPT, run_python
 from test_dpo import arithmetic_pairs
 
 from qwenjax import hf, model_io
@@ -260,3 +260,20 @@ def test_reward_run_resumes_exactly_and_exports(pairs_file, qwenjax_cache, tmp_p
     out = export_model(tmp_path / "split", tmp_path / "exported")
     config, params = model_io.load_model(out)
     assert config.num_labels == 1 and params["score"]["kernel"].shape == (config.hidden_size, 1)
+
+
+def test_reward_fsdp_on_two_devices_equals_one(pairs_file, qwenjax_cache, tmp_path):
+    """mesh.fsdp=2 (the backbone and the score head split over their embed axis) with train.grad_accum=2: the
+    same losses and margins as one device, one batch."""
+    args = [f"data.path={pairs_file}", f"data.cache_dir={qwenjax_cache}", "train.steps=4", "train.log_every=1"]
+    for name, devices, extra in (("one", 1, []), ("two", 2, ["mesh.data=1", "mesh.fsdp=2", "train.grad_accum=2"])):
+        proc = run_python(TRAIN_SCRIPT, str(REWARD_TINY), *args, f"run_dir={tmp_path / name}", *extra, devices=devices)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "margin"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (key, a, b)
+        # the rewards' common level is free under Bradley-Terry (only differences count): Adam moves it by
+        # steps of lr whatever the size of its gradient, so float32 rounding shows there first
+        assert b["reward_chosen"] == pytest.approx(a["reward_chosen"], abs=1e-3), (a, b)
