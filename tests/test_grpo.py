@@ -107,9 +107,10 @@ def test_grpo_step_gradient_equals_a_jnp_reference(grad_accum):
     params = qmodel.init_params(CFG, jax.random.key(0))
     b = _fixed_batch(params)
     hp = GRPO.make_hp(clip_eps=CLIP, kl_beta=BETA)
-    grads, metrics = mean_metrics(params, {k: jnp.asarray(v) for k, v in b.items()}, hp, model_cfg=CFG,
-                                  grad_accum=grad_accum, objective=GRPO, ref_params=None)
-    want_loss, want_grads = jax.value_and_grad(_jnp_reference)(params, b)
+    step = jax.jit(lambda p, batch: mean_metrics(p, batch, hp, model_cfg=CFG, grad_accum=grad_accum,
+                                                 objective=GRPO, ref_params=None))
+    grads, metrics = step(params, {k: jnp.asarray(v) for k, v in b.items()})
+    want_loss, want_grads = jax.jit(jax.value_and_grad(_jnp_reference))(params, b)
     assert abs(float(metrics["loss"]) - float(want_loss)) < 1e-5
     assert 0 < float(metrics["clip_fraction"]) < 1 and float(metrics["kl"]) > 0
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
@@ -122,10 +123,12 @@ def test_batched_sampler_records_the_policy_log_probs():
     out = sample_group(CFG, params, prompt, 4, max_new_tokens=6, temperature=1.0, top_p=1.0, eos_id=1,
                        rng=jax.random.key(3))
     assert len(out) == 4 and len({tuple(a) for a, _ in out}) > 1  # the rows sample on their own keys
-    for answer, logps in out:
-        ids = np.asarray([prompt + answer], np.int32)
-        want = np.asarray(_jnp_logps(params, ids[:, :-1], ids[:, 1:]))[0, len(prompt) - 1:]
-        np.testing.assert_allclose(logps, want, atol=1e-4)
+    ids = np.zeros((4, len(prompt) + 6), np.int32)  # one padded forward pass over the four answers
+    for i, (answer, _) in enumerate(out):
+        ids[i, :len(prompt) + len(answer)] = prompt + answer
+    want = np.asarray(jax.jit(_jnp_logps)(params, ids[:, :-1], ids[:, 1:]))
+    for i, (answer, logps) in enumerate(out):
+        np.testing.assert_allclose(logps, want[i, len(prompt) - 1:len(prompt) - 1 + len(answer)], atol=1e-4)
 
 
 def test_rl_cli_on_a_tiny_model(run_cli, tiny_tokenizer_path, tmp_path):

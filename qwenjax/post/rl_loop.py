@@ -12,7 +12,8 @@ Curriculum (prompts with higher reward variance first): the first epoch visits t
 every later epoch visits them sorted by the reward variance measured the last time each was sampled,
 largest first (ties: file order). An epoch is one pass over the prompts, prompts_per_step at a time.
 
-Writes `config.yaml`, `metrics.jsonl` (one record per round), `summary.json` and `model/` in `run_dir`.
+Writes `config.yaml`, `metrics.jsonl` (one record per round, also a console line), `summary.json` and
+`model/` in `run_dir`.
 A run dir with a finished run returns its summary; one with an unfinished run is refused (no resume yet).
 """
 
@@ -32,13 +33,12 @@ import numpy as np
 from qwenjax.data.chat import encode_chat, special_ids
 from qwenjax.data.tokenizer import load_tokenizer
 from qwenjax.errors import UserError
-from qwenjax.jsonl import atomic_write_text
+from qwenjax.jsonl import append, atomic_write_text
 from qwenjax.post.grpo import GRPO, group_advantages, reference_logps
 from qwenjax.post.pairs import read_prompts
 from qwenjax.post.rl_verify import check_prompts, make_verifier
 from qwenjax.post.rollout import sample_group
 from qwenjax.run_config import MISSING, RunConfig, model_config, save_config
-from qwenjax.train import metrics as qmetrics
 from qwenjax.train import sharding
 from qwenjax.train.run_dir import model_dir_of, write_model
 from qwenjax.train.setup import resolve_dtype
@@ -52,6 +52,14 @@ def curriculum_order(n: int, variance: dict[int, float]) -> list[int]:
     """The next epoch's prompt order: by last measured reward variance, largest first; unmeasured prompts
     first, ties in file order."""
     return sorted(range(n), key=lambda i: (-variance.get(i, math.inf), i))
+
+
+def format_record(r: dict[str, Any]) -> str:
+    """The console line of a round (metrics.jsonl holds every field)."""
+    acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+    return (f"step {r['step']} | reward {r['reward_mean']:.3f} (std {r['reward_std']:.3f}) | accuracy {acc} | "
+            f"kl {r['kl']:.2e} | clip {r['clip_fraction']:.3f} | len {r['response_len']:.1f} | "
+            f"loss {r['loss']:.4f} | grad_norm {r['grad_norm']:.3f} | {r['step_s']:.1f} s")
 
 
 def tokenizer_path(cfg: RunConfig) -> Path:
@@ -83,6 +91,11 @@ def rollout_batch(rows: list[tuple[list[int], list[int], list[float], float]], T
 
 def run_rl(cfg: RunConfig) -> dict[str, Any]:
     rl = cfg.rl
+    if jax.process_count() > 1:
+        raise UserError("qwenjax rl runs in one process (each would sample the whole round); use one host")
+    if cfg.train.objective == "reward":
+        raise UserError("qwenjax rl trains a language model: train.objective reward makes a reward model; "
+                        "name the reward model in rl.reward_model instead")
     if not rl.prompts:
         raise UserError("rl.prompts is not set: a JSONL file of prompts with \"answer\" or \"tests\"")
     prompts = list(read_prompts(rl.prompts))
@@ -120,8 +133,9 @@ def run_rl(cfg: RunConfig) -> dict[str, Any]:
     ref_fn = reference_logps(model_cfg, cfg.attention.impl)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    logger = qmetrics.MetricsLogger(run_dir, total_steps=cfg.train.steps, enabled=jax.process_index() == 0)
-    logger.message(f"rl: {len(prompts)} prompts, {P} x {G} answers per step, compiled in {compile_s:.1f} s")
+    is_main = jax.process_index() == 0
+    if is_main:
+        log.info("rl: %d prompts, %d x %d answers per step, step compiled in %.1f s", len(prompts), P, G, compile_s)
     t_start = time.perf_counter()
     order, cursor, variance = list(range(len(prompts))), 0, {}
     base_key = jax.random.key(cfg.seed + 1)
@@ -161,16 +175,17 @@ def run_rl(cfg: RunConfig) -> dict[str, Any]:
                   "zero_std_groups": float(np.mean(r_all.std(axis=1) == 0)),
                   "sample_s": sample_s, "step_s": time.perf_counter() - t0}
         records.append(record)
-        logger.log(record)
+        if is_main:
+            append(run_dir / "metrics.jsonl", record)
+            log.info("%s", format_record(record))
         if not math.isfinite(metrics["loss"]):
             status = "diverged"
             break
-    logger.close()
     write_model(model_dir_of(run_dir), model_cfg, state["params"], tok_path)
     summary = {"status": status, "steps_completed": len(records), "prompts": len(prompts),
                "group_size": G, "final_reward_mean": records[-1]["reward_mean"] if records else None,
                "final_accuracy": records[-1]["accuracy"] if records else None,
                "wall_s": time.perf_counter() - t_start}
-    if jax.process_index() == 0:
+    if is_main:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
