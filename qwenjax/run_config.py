@@ -170,7 +170,8 @@ def all_keys(cls=None, prefix: str = "") -> list[str]:
     return keys
 
 
-_OPEN_KEYS = ("hparams", "model.rope_scaling", "data.sources")  # free-form values below these keys
+# free-form values below these keys
+_OPEN_KEYS = ("hparams", "model.rope_scaling", "model.dual_chunk_attention_config", "data.sources")
 
 
 def _check_keys(tree: Mapping, where: str, prefix: str = "") -> None:

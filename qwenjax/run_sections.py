@@ -44,6 +44,7 @@ class ModelSection:
     max_position_embeddings: int | None = None
     rope_theta: float | None = None
     rope_scaling: dict[str, Any] | None = None
+    dual_chunk_attention_config: dict[str, Any] | None = None  # inference only (qwenjax/dca.py)
     rms_norm_eps: float | None = None
     tie_word_embeddings: bool | None = None
     use_sliding_window: bool | None = None
