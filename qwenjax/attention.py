@@ -19,6 +19,9 @@ Kernels (`attention.impl`):
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN flash attention on NVIDIA GPUs
   (bfloat16/float16). Segment ids become a dense [B, 1, T, S] mask: the public API takes no segment ids.
 - `splash`: the Pallas TPU splash-attention kernel (block-sparse flash attention), vmapped over the batch.
+- `sparse`: MInference's vertical + slash sparse prefill (`attention_sparse.py`): approximate, so never
+  picked by auto; its budgets (`attention.sparse_*`) travel in the name (`sparse:vertical=...`). Over a cache
+  a chunk of prefill is sparse, a single decoding query dense (blockwise).
 - `auto`: cudnn on a GPU and splash on a TPU when they support the shapes and dtype, else blockwise. On CPU
   blockwise is the faster XLA kernel: at the tiny config (T=64) it is one block, the same program as
   reference (both 2 ms forward+backward for B=32), and at the bench shape (B=8, T=512, 6 heads, head_dim 64)
@@ -41,6 +44,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from qwenjax import attention_sparse
 from qwenjax.attention_flash import flash
 from qwenjax.errors import UserError
 from qwenjax.run_sections import ATTENTION_IMPLS, did_you_mean
@@ -144,7 +148,8 @@ def _splash_kernel(T: int, S: int, N: int, window: int | None, interpret: bool):
 
 
 KERNELS: dict[str, Callable[..., jax.Array]] = {
-    "reference": reference, "blockwise": blockwise, "flash": flash, "cudnn": cudnn, "splash": splash}
+    "reference": reference, "blockwise": blockwise, "flash": flash, "cudnn": cudnn, "splash": splash,
+    "sparse": attention_sparse.sparse}
 IMPLS = ATTENTION_IMPLS  # auto and the kernels
 _PLATFORM = {"cudnn": ("gpu", "an NVIDIA GPU"), "splash": ("tpu", "a TPU")}
 
@@ -171,6 +176,8 @@ _PROBLEMS = {"cudnn": _cudnn_problem, "splash": _splash_problem}
 def resolve(impl: str, q_BTNH, k_BSKH, *, cached: bool = False) -> str:
     """The kernel that `impl` stands for on this backend and these shapes (`cached`: decoding over a KV
     cache, which the XLA kernels do); a UserError line when it cannot run here."""
+    if attention_sparse.parse(impl) is not None:  # its budgets ride in the name; one decoding query: dense
+        return "blockwise" if cached and q_BTNH.shape[1] == 1 else impl
     if impl not in IMPLS:
         raise UserError(f"attention.impl must be one of {', '.join(IMPLS)}, got {impl!r}" + did_you_mean(impl, IMPLS))
     backend = jax.default_backend()
@@ -201,5 +208,6 @@ def attend(q_BTNH, k_BSKH, v_BSKH, *, impl: str = AUTO, segment_ids_BT=None, win
     if q_offset is not None and segment_ids_BT is not None:
         raise ValueError("segment ids apply to self-attention, not to decoding over a cache")
     name = resolve(impl, q_BTNH, k_BSKH, cached=q_offset is not None)
-    return KERNELS[name](q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=segment_ids_BT, window=window,
-                         q_offset=q_offset)
+    budgets = attention_sparse.parse(name)
+    kernel = KERNELS[name] if budgets is None else functools.partial(attention_sparse.sparse, budgets=budgets)
+    return kernel(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=segment_ids_BT, window=window, q_offset=q_offset)

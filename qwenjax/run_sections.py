@@ -16,7 +16,7 @@ from qwenjax.run_stages import parse_length_mix
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "1-sqrt")
-ATTENTION_IMPLS = ("auto", "reference", "blockwise", "flash", "cudnn", "splash")  # auto + qwenjax.attention.KERNELS
+ATTENTION_IMPLS = ("auto", "reference", "blockwise", "flash", "cudnn", "splash", "sparse")  # auto + attention.KERNELS
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "offload")  # none + qwenjax.model's
 OBJECTIVE_NAMES = ("next_token", "sft", "dpo", "reward")  # = qwenjax.train.objectives.OBJECTIVES (tests/test_sft.py)
 DPO_LOSSES = ("sigmoid", "ipo")  # = qwenjax.train.dpo.LOSSES
@@ -253,11 +253,41 @@ class AttentionSection:
     reaches ModelConfig or config.json. auto = cudnn on GPU, splash on TPU, blockwise on CPU."""
 
     impl: str = "auto"
+    # impl=sparse (qwenjax.attention_sparse, MInference's vertical + slash prefill): key columns and diagonals
+    # kept (counts >= 1, or fractions of the keys in (0, 1)), queries that pick them, forced sink columns
+    # and local diagonals (MInference's defaults)
+    sparse_vertical: float = 1000
+    sparse_slash: float = 6096
+    sparse_last_q: int = 64
+    sparse_sink: int = 30
+    sparse_local: int = 100
 
     def __post_init__(self):
         if self.impl not in ATTENTION_IMPLS:
             raise UserError(f"attention.impl must be one of {', '.join(ATTENTION_IMPLS)}, got {self.impl!r}"
                             + did_you_mean(self.impl, ATTENTION_IMPLS))
+        check_sparse_budgets(self.sparse_vertical, self.sparse_slash, self.sparse_last_q, self.sparse_sink,
+                             self.sparse_local, prefix="attention.sparse_")
+
+    @property
+    def kernel(self) -> str:
+        """The kernel name to pass as `attention_impl`: `impl`, or for sparse the name carrying its budgets."""
+        if self.impl != "sparse":
+            return self.impl
+        return ("sparse:" + f"vertical={self.sparse_vertical:g},slash={self.sparse_slash:g},"
+                f"last_q={self.sparse_last_q},sink={self.sparse_sink},local={self.sparse_local}")
+
+
+def check_sparse_budgets(vertical, slash, last_q, sink, local, prefix: str = "") -> None:
+    """UserError unless vertical and slash are counts >= 1 or fractions in (0, 1), last_q and local >= 1 and
+    sink >= 0 (local >= 1 keeps each query's own key, so no query is left without one)."""
+    for key, value in (("vertical", vertical), ("slash", slash)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                0 < value < 1 or (value >= 1 and value == int(value))):
+            raise UserError(f"{prefix}{key} must be a count >= 1 or a fraction of the keys in (0, 1), got {value!r}")
+    for key, value, low in (("last_q", last_q, 1), ("sink", sink, 0), ("local", local, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UserError(f"{prefix}{key} must be an integer >= {low}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 DIR is a model directory, a run directory (its model/, else its newest checkpoint) or a Hugging Face
 folder; trailing `model.KEY=VALUE` overrides (rope_theta, rope_scaling, max_position_embeddings, ...) run
-the same weights differently, e.g. with YaRN. Each prints a JSON table on stdout and writes a PNG (--out,
+the same weights differently, e.g. with YaRN; `attention.KEY=VALUE` ones pick the kernel (`attention.impl=sparse`
+with its `attention.sparse_*` budgets). Each prints a JSON table on stdout and writes a PNG (--out,
 default in the current directory). See docs/long-context.md.
 """
 
@@ -27,7 +28,8 @@ def _common(p: argparse.ArgumentParser, out: str, batch_size: int) -> None:
                    help="prefill chunk in tokens: logits are at most [B, C, vocab] (default: %(default)s)")
     p.add_argument("--out", default=out, metavar="PNG", help="plot path (default: ./%(default)s)")
     p.add_argument("overrides", nargs="*", metavar="model.KEY=VALUE",
-                   help="model overrides, e.g. model.rope_scaling='{rope_type: yarn, factor: 4}'")
+                   help="model overrides, e.g. model.rope_scaling='{rope_type: yarn, factor: 4}', and the "
+                        "attention kernel, e.g. attention.impl=sparse attention.sparse_vertical=0.1")
 
 
 def register(subparsers) -> None:
@@ -73,6 +75,33 @@ def _load(args, check=None):
     return load_for_eval(args.checkpoint, args.overrides, args.tokenizer, check=check)
 
 
+def _attention(args):
+    """The run config's attention section from the `attention.*` overrides, which it takes out of
+    args.overrides (the rest are the model's)."""
+    import dataclasses  # on use, as in _load
+
+    from qwenjax.run_config import parse_overrides
+    from qwenjax.run_sections import AttentionSection
+
+    mine = [o for o in args.overrides if o.split("=", 1)[0].strip().startswith("attention.")]
+    args.overrides = [o for o in args.overrides if o not in mine]
+    values = parse_overrides(mine).get("attention", {})
+    fields = {f.name for f in dataclasses.fields(AttentionSection)}
+    bad = sorted(set(values) - fields) if isinstance(values, dict) else ["attention"]
+    if bad:
+        raise UserError(f"attention.{bad[0]} is not an attention key; allowed: {', '.join(sorted(fields))}")
+    return AttentionSection(**values)
+
+
+def _attention_fields(attention) -> dict:
+    """The kernel, and for sparse the share of attention pairs it computed (qwenjax.attention_sparse)."""
+    if attention.impl != "sparse":
+        return {"attention_impl": attention.kernel}
+    from qwenjax import attention_sparse  # on use, as in _load
+
+    return {"attention_impl": attention.kernel, "sparse": attention_sparse.stats_fraction()}
+
+
 def _model_fields(config) -> dict:
     return {"max_position_embeddings": config.max_position_embeddings, "rope_theta": config.rope_theta,
             "rope_scaling": config.rope_scaling_dict}
@@ -103,15 +132,16 @@ def run_passkey(args: argparse.Namespace) -> int:
     filler = passkey.FILLER if args.filler is None else _filler_text(args.filler, 16 * max(lengths))
     options = dict(lengths=lengths, depths=depths, trials=args.trials, digits=args.digits, seed=args.seed,
                    batch_size=args.batch_size, filler_text=filler)
+    attention = _attention(args)
     config, params, tokenizer = _load(args, check=lambda tok: passkey.check_inputs(tok, **options))
-    decode = passkey.model_decoder(config, params, chunk=args.chunk)
+    decode = passkey.model_decoder(config, params, chunk=args.chunk, impl=attention.kernel)
     table = passkey.run_passkey(decode, tokenizer, max_position_embeddings=config.max_position_embeddings,
                                 **options)
     from qwenjax.evals.plots import plot_passkey  # matplotlib on use
 
     plot_passkey(table, args.out)
     _print({"checkpoint": str(args.checkpoint), "overrides": list(args.overrides), **_model_fields(config),
-            **table, "plot": str(args.out)})
+            **_attention_fields(attention), **table, "plot": str(args.out)})
     return 0
 
 
@@ -122,8 +152,9 @@ def run_ppl(args: argparse.Namespace) -> int:
     if len(lengths) != 1:
         raise UserError(f"--length takes one length, got {args.length!r}")
     documents = ppl_position.read_documents(args.data)  # resolves the files now: a bad path fails early
+    attention = _attention(args)
     config, params, tokenizer = _load(args)
-    losses = ppl_position.model_losses(config, params, chunk=args.chunk)
+    losses = ppl_position.model_losses(config, params, chunk=args.chunk, impl=attention.kernel)
     table = ppl_position.run_ppl_by_position(losses, tokenizer, documents, length=lengths[0],
                                              bucket=args.bucket, sequences=args.sequences,
                                              batch_size=args.batch_size,
@@ -132,5 +163,5 @@ def run_ppl(args: argparse.Namespace) -> int:
 
     plot_ppl_by_position(table, args.out)
     _print({"checkpoint": str(args.checkpoint), "overrides": list(args.overrides), **_model_fields(config),
-            **table, "plot": str(args.out)})
+            **_attention_fields(attention), **table, "plot": str(args.out)})
     return 0
