@@ -4,6 +4,8 @@ MInference's pattern; its budgets are validated and travel in the kernel name; a
 
 from __future__ import annotations
 
+import argparse
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 
 from qwenjax import attention
 from qwenjax import attention_sparse as sp
+from qwenjax.commands.eval import _attention
 from qwenjax.errors import UserError
 from qwenjax.run_sections import AttentionSection
 
@@ -138,3 +141,15 @@ def test_decoding_stays_dense():
     assert attention.resolve("sparse", q[:, :1], k, cached=True) == "blockwise"
     assert attention.resolve("sparse", q[:, :8], k, cached=True) == "sparse"
     assert attention.resolve(sp.spec(SMALL), q, k) == sp.spec(SMALL)
+
+
+def test_eval_command_takes_attention_overrides():
+    """`qwenjax eval ... attention.impl=sparse attention.sparse_vertical=0.1`: the attention keys are taken out
+    of the model overrides; an unknown one is one UserError line."""
+    args = argparse.Namespace(overrides=["model.rope_theta=1e5", "attention.impl=sparse",
+                                         "attention.sparse_vertical=0.1"])
+    section = _attention(args)
+    assert args.overrides == ["model.rope_theta=1e5"]
+    assert sp.parse(section.kernel) == sp.Budgets(vertical=0.1)
+    with pytest.raises(UserError, match="attention.sparse_columns is not an attention key"):
+        _attention(argparse.Namespace(overrides=["attention.sparse_columns=3"]))
