@@ -152,3 +152,21 @@ def test_rl_cli_on_a_tiny_model(run_cli, tiny_tokenizer_path, tmp_path):
     status, _, err = run_cli("rl", "rl.group_size=1", f"rl.prompts={prompts}")
     lines = [x for x in err.splitlines() if x.strip()]
     assert status == 2 and len(lines) == 1 and "rl.group_size" in lines[0], err
+
+
+def test_reward_model_verifier_scores_the_last_answer_token(tmp_path):
+    from qwenjax import model_io
+    from qwenjax.post.rl_verify import make_verifier
+    from qwenjax.run_sections import RLSection
+    from qwenjax.train.reward import hf_rewards
+
+    rm_cfg = CFG.replace(num_labels=1)
+    rm_params = qmodel.init_params(rm_cfg, jax.random.key(5))
+    model_io.save_model(tmp_path / "rm", rm_cfg, rm_params)
+    verify = make_verifier(RLSection(verifier="reward_model", reward_model=str(tmp_path / "rm")), CFG.vocab_size)
+    prompt, answers = [3, 7, 9], [[4, 5, 1], [6, 1], [8, 8, 8, 8, 1]]
+    rewards, correct = verify({"answer": "17"}, ["17", "1", "no"], [(prompt, a) for a in answers])
+    for r, a in zip(rewards, answers, strict=True):
+        want = float(hf_rewards(rm_params, np.asarray([prompt + a]), rm_cfg, pad_token_id=0)[0])
+        assert abs(r - want) < 1e-4
+    assert correct == [True, False, False]
