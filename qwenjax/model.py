@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenjax import dca
-from qwenjax.attention import attend
 from qwenjax.config import ModelConfig
+from qwenjax.context_parallel import attend  # attention.attend, split along a context mesh axis
 from qwenjax.rope import apply_rope, rope_cos_sin
 
 Params = dict[str, Any]

@@ -90,6 +90,9 @@ class RunConfig:
                 f"train.batch_size ({self.train.batch_size}) / train.grad_accum ({self.train.grad_accum}) = "
                 f"{micro} sequences per micro-batch is not divisible by the data-parallel size "
                 f"mesh.data x mesh.fsdp = {dp}")
+        if self.train.seq_len % self.mesh.context:
+            raise UserError(f"train.seq_len ({self.train.seq_len}) is not divisible by mesh.context "
+                            f"({self.mesh.context}): each device holds an equal slice of every sequence")
         if self.stages is not None:
             object.__setattr__(self, "stages", parse_stages(self.stages))
             if not self.checkpoint.enabled and len(self.stages) > 1:

@@ -144,11 +144,13 @@ class OptimSection:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
-    """Device mesh sizes; -1 (at most one axis) = all remaining devices."""
+    """Device mesh sizes; -1 (at most one of data, fsdp, tensor) = all remaining devices. `context` splits
+    each sequence along its length (context parallelism, docs/long-context.md); it must divide train.seq_len."""
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    context: int = 1
 
     def __post_init__(self):
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -157,6 +159,7 @@ class MeshSection:
                 raise UserError(f"mesh.{name} must be a positive integer or -1 (= the rest), got {value!r}")
         if list(sizes.values()).count(-1) > 1:
             raise UserError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        positive("mesh.context", self.context)
 
 
 @dataclasses.dataclass(frozen=True)

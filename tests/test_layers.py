@@ -28,11 +28,12 @@ ALLOWED = {
     "attention": {"attention_flash", "attention_sparse", "errors", "run_sections"},
     "attention_sparse": {"errors", "run_sections"},
     "attention_flash": set(),
+    "context_parallel": {"attention"},
     "dca": {"attention", "config", "errors", "rope"},
-    "model": {"attention", "config", "dca", "rope"},
+    "model": {"attention", "config", "context_parallel", "dca", "rope"},
     "data": {"errors", "jsonl", "run_config", "run_sections", "config"},
-    "train": {"attention", "config", "data", "errors", "jsonl", "lock", "model", "model_io", "run_config",
-              "run_sections", "run_stages", "signals"},
+    "train": {"attention", "config", "context_parallel", "data", "errors", "jsonl", "lock", "model", "model_io",
+              "run_config", "run_sections", "run_stages", "signals"},
     "evals": {"config", "data", "errors", "hf", "model", "model_io", "run_config", "train"},
 }
 

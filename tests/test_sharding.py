@@ -114,7 +114,7 @@ def test_losses_agree_across_meshes(single_device_losses, tiny_config, tmp_path)
                         *STEPS, devices=8, timeout=540)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["d2f2t2"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert out["d2f2t2"]["mesh"] == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
     for name in MESHES:
         _assert_close(out[name]["losses"], single_device_losses, name)
 

@@ -5,7 +5,8 @@ Sharding is decided here and nowhere else. The model names the logical axes of e
 `activation_sharding`); `LOGICAL_AXIS_RULES` maps each logical axis to mesh axes:
 
     mesh axes: data (pure data parallel: params replicated), fsdp (data parallel with params and
-               optimizer state sharded, ZeRO-3 style), tensor (Megatron-style splits of heads and MLP)
+               optimizer state sharded, ZeRO-3 style), tensor (Megatron-style splits of heads and MLP),
+               context (the sequence split along its length: attention in `qwenjax.context_parallel`)
 
 A logical axis whose size is not divisible by its mesh axes is replicated along them instead (logged at
 debug level), so any model runs on any mesh, only less efficiently.
@@ -29,20 +30,23 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qwenjax import context_parallel
 from qwenjax.config import ModelConfig
 from qwenjax.errors import UserError
 from qwenjax.model import ACTIVATION_CONSTRAINT, logical_axes
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor")  # the axes of mesh_shape's result; a mesh also has `context`
+CONTEXT = context_parallel.AXIS
+MESH_ORDER = ("data", "fsdp", CONTEXT, "tensor")  # the device mesh (tensor innermost: the most traffic)
 
 # THE table: logical axis -> mesh axes (None = replicated), for parameters and activations alike. Batch is
 # split over both data-parallel axes; an axis takes only mesh axes no earlier dimension took, so an activation
 # [batch, length, embed] is split by rows only, while an [embed, mlp] kernel is split over fsdp x tensor.
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
-    "length": None,
+    "length": (CONTEXT,),
     "embed": ("fsdp",),
     "vocab": ("tensor",),
     "heads": ("tensor",),
@@ -118,35 +122,49 @@ def maybe_initialize_distributed() -> bool:
 # Mesh
 
 
-def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
-    """Resolve one -1 to the remaining devices; the product must equal the device count."""
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int, context: int = 1) -> tuple[int, int, int]:
+    """(data, fsdp, tensor): resolve one -1 to the devices left after the others and `context` (a
+    positive size); the product with `context` must equal the device count."""
     sizes = [data, fsdp, tensor]
-    known = math.prod(s for s in sizes if s != -1)
+    known = math.prod(s for s in sizes if s != -1) * context
+    names, values = list(MESH_AXES), list(sizes)
+    if context != 1:
+        names, values = [*names, CONTEXT], [*values, context]
     if -1 in sizes:
         if num_devices % known:
-            given = ", ".join(f"mesh.{n}={s}" for n, s in zip(MESH_AXES, sizes, strict=True) if s != -1)
+            given = ", ".join(f"mesh.{n}={s}" for n, s in zip(names, values, strict=True) if s != -1)
             raise UserError(f"mesh: {num_devices} devices cannot be split with {given}")
-        sizes[sizes.index(-1)] = num_devices // known
-    if math.prod(sizes) != num_devices:
-        raise UserError(f"mesh: mesh.data x mesh.fsdp x mesh.tensor = {sizes[0]} x {sizes[1]} x {sizes[2]} = "
-                        f"{math.prod(sizes)}, but there are {num_devices} devices (use -1 for 'the rest')")
+        i = sizes.index(-1)
+        sizes[i] = values[i] = num_devices // known
+    if math.prod(values) != num_devices:
+        raise UserError(f"mesh: {' x '.join(f'mesh.{n}' for n in names)} = {' x '.join(map(str, values))} = "
+                        f"{math.prod(values)}, but there are {num_devices} devices (use -1 for 'the rest')")
     return tuple(sizes)  # type: ignore[return-value]
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices (of all processes) with automatic (GSPMD) axes."""
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, context: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, context, tensor) mesh over all devices (of all processes) with automatic (GSPMD) axes."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = mesh_shape(data, fsdp, tensor, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    d, f, t = mesh_shape(data, fsdp, tensor, len(devices), context)
+    return jax.make_mesh((d, f, context, t), MESH_ORDER, axis_types=(AxisType.Auto,) * 4, devices=devices)
 
 
 def mesh_from_config(mesh_cfg) -> Mesh:
-    """From a `RunConfig.mesh` section (anything with data/fsdp/tensor attributes)."""
-    return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+    """From a `RunConfig.mesh` section (anything with data/fsdp/tensor and optionally context attributes)."""
+    return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, context=getattr(mesh_cfg, "context", 1))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-    return math.prod(mesh.shape[a] for a in LOGICAL_AXIS_RULES["batch"])
+    return math.prod(_size(mesh, a) for a in LOGICAL_AXIS_RULES["batch"])
+
+
+def context_size(mesh: Mesh) -> int:
+    """How many slices each sequence is split into (1 on a mesh without a context axis)."""
+    return _size(mesh, CONTEXT)
+
+
+def _size(mesh: Mesh, axis: str) -> int:
+    return mesh.shape.get(axis, 1)  # meshes of (data, fsdp, tensor) only, as older callers build, lack context
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,8 +189,8 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
         if logical is not None and logical not in LOGICAL_AXIS_RULES:
             raise KeyError(f"no sharding rule for logical axis {logical!r}")
         # keep only mesh axes of size > 1 that are not already used by an earlier dimension
-        mesh_axes = tuple(a for a in (mesh_axes or ()) if mesh.shape[a] > 1 and a not in used)
-        size = math.prod(mesh.shape[a] for a in mesh_axes)
+        mesh_axes = tuple(a for a in (mesh_axes or ()) if _size(mesh, a) > 1 and a not in used)
+        size = math.prod(_size(mesh, a) for a in mesh_axes)
         if mesh_axes and not _divides(logical, dim, size, config):
             log.debug("sharding: %s axis %r (%d) is not divisible by mesh %s (%d); replicated",
                       name or "array", logical, dim, mesh_axes, size)
@@ -221,7 +239,8 @@ def activation_sharding(mesh: Mesh, config: ModelConfig | None = None):
     """Within this block, `qwenjax.model.constrain(x, axes)` pins activations to the rules table on `mesh`
     (wrap the tracing: `jit(...).lower`). Without the pins, GSPMD propagates the embedding table's
     [vocab: tensor, embed: fsdp] layout into the token embeddings, whose rows are already split over fsdp,
-    and must replicate them to undo it (XLA's "involuntary full rematerialization"). Nothing on one device."""
+    and must replicate them to undo it (XLA's "involuntary full rematerialization"). Nothing on one device.
+    On a mesh with context > 1 attention also runs split along the sequence (`qwenjax.context_parallel`)."""
     if mesh.size == 1:
         yield
         return
@@ -231,13 +250,15 @@ def activation_sharding(mesh: Mesh, config: ModelConfig | None = None):
 
     token = ACTIVATION_CONSTRAINT.set(pin)
     try:
-        yield
+        with context_parallel.context_mesh(mesh, lambda axes, shape: logical_to_spec(axes, shape, mesh, config)):
+            yield
     finally:
         ACTIVATION_CONSTRAINT.reset(token)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """[batch, length] arrays: rows split over (data, fsdp)."""
+    """[batch, length] arrays: rows split over (data, fsdp), columns over context (positions and segment
+    ids travel with the tokens, so RoPE and the attention mask see global values)."""
     return NamedSharding(mesh, logical_to_spec(("batch", "length"), (0, 0), mesh))
 
 
@@ -257,7 +278,7 @@ def process_batch_block(mesh: Mesh, global_batch: int) -> tuple[int, int]:
     hold the same rows (a tensor axis across hosts) get the same block.
     """
     sharding = batch_sharding(mesh)
-    indices = sharding.addressable_devices_indices_map((global_batch, 1))
+    indices = sharding.addressable_devices_indices_map((global_batch, context_size(mesh)))
     starts = sorted({(idx[0].start or 0) for idx in indices.values()})
     stops = sorted({(idx[0].stop if idx[0].stop is not None else global_batch) for idx in indices.values()})
     lo, hi = starts[0], stops[-1]
