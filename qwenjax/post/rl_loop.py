@@ -96,7 +96,7 @@ def run_rl(cfg: RunConfig) -> dict[str, Any]:
     if cfg.train.objective == "reward":
         raise UserError("qwenjax rl trains a language model: train.objective reward makes a reward model; "
                         "name the reward model in rl.reward_model instead")
-    if not rl.prompts:
+    if not rl.prompts or rl.prompts == MISSING:
         raise UserError("rl.prompts is not set: a JSONL file of prompts with \"answer\" or \"tests\"")
     prompts = list(read_prompts(rl.prompts))
     if not prompts:
