@@ -170,3 +170,15 @@ def test_reward_model_verifier_scores_the_last_answer_token(tmp_path):
         want = float(hf_rewards(rm_params, np.asarray([prompt + a]), rm_cfg, pad_token_id=0)[0])
         assert abs(r - want) < 1e-4
     assert correct == [True, False, False]
+
+
+def test_curriculum_puts_high_variance_first_and_rl_tiny_loads():
+    from conftest import CONFIGS
+
+    from qwenjax.post.rl_loop import curriculum_order
+    from qwenjax.run_config import load_config
+
+    assert curriculum_order(5, {0: 0.0, 1: 0.25, 2: 0.1, 3: 0.25, 4: 0.0}) == [1, 3, 2, 0, 4]
+    assert curriculum_order(3, {1: 0.2}) == [0, 2, 1]  # not yet measured: first, in file order
+    cfg = load_config(CONFIGS / "rl-tiny.yaml", ["rl.prompts=p.jsonl"])
+    assert (cfg.rl.group_size, cfg.rl.prompts_per_step, cfg.train.steps) == (16, 4, 60)
