@@ -25,7 +25,7 @@ from qwenjax.train.run_dir import checkpoint_steps, model_dir_of, restore_run_st
 
 #: model fields an eval may override: how the weights run, not what shapes they have
 OVERRIDABLE = ("rope_theta", "rope_scaling", "max_position_embeddings", "use_sliding_window", "sliding_window",
-               "max_window_layers", "dtype", "param_dtype")
+               "max_window_layers", "dtype", "param_dtype", "dual_chunk_attention_config")
 
 
 def _has_tokenizer(folder: Path) -> bool:
