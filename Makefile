@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint docs venv venv-test clean
+.PHONY: demo long-demo test lint docs venv venv-test clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ venv-test: $(VENV)/.test
 
 demo: $(VENV)/.core
 	$(VENV)/bin/qwenjax demo --out runs/demo
+
+long-demo: $(VENV)/.core
+	$(VENV)/bin/qwenjax demo --long --out runs/long-demo
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q --timeout=900 tests
