@@ -10,11 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY
 
 from qwenjax import attention
 from qwenjax import attention_sparse as sp
 from qwenjax.commands.eval import _attention
 from qwenjax.errors import UserError
+from qwenjax.evals.forward import token_losses
+from qwenjax.model import init_params
+from qwenjax.run_config import load_config, model_config
 from qwenjax.run_sections import AttentionSection
 
 pytestmark = pytest.mark.usefixtures("full_precision_matmuls")
@@ -153,3 +157,13 @@ def test_eval_command_takes_attention_overrides():
     assert sp.parse(section.kernel) == sp.Budgets(vertical=0.1)
     with pytest.raises(UserError, match="attention.sparse_columns is not an attention key"):
         _attention(argparse.Namespace(overrides=["attention.sparse_columns=3"]))
+
+
+def test_tiny_model_chunked_prefill_default_budgets_equal_dense():
+    """Under 1000 keys MInference's default budgets keep every pair: the evals' chunked prefill into a KV
+    cache (two chunks of 48 under lax.scan, the query offset traced) gives the dense losses."""
+    config = model_config(load_config(TINY), vocab_size=1024)
+    params = init_params(config, 0)
+    seq = jnp.asarray(np.random.default_rng(0).integers(0, 1024, (2, 97)), jnp.int32)
+    want = token_losses(config, params, seq, chunk=48, impl="blockwise")
+    np.testing.assert_allclose(token_losses(config, params, seq, chunk=48, impl="sparse"), want, **TOL)
