@@ -1,0 +1,55 @@
+"""The post-training study (qwenjax/demo_post.py) in miniature end to end through `qwenjax demo --post`, its
+rerun (every stage reused from disk), the verdict rule, and the bad flag combinations."""
+
+import json
+import time
+
+import pytest
+
+from qwenjax import cli
+from qwenjax.demo_post import PLANS, problems
+from qwenjax.demo_post_report import grpo_verdict
+
+
+def test_heldout_problems_are_never_trained_on():
+    train, held = problems(PLANS["full"])
+    assert len(held) == PLANS["full"].heldout and not set(train) & set(held)
+    assert len(train) + len(held) == PLANS["full"].max_operand ** 2
+
+
+def test_verdict_needs_a_gain_larger_than_the_spread():
+    assert grpo_verdict(0.30, {0: 0.50, 1: 0.45})[0]  # gain 0.175 > spread 0.05
+    passed, gain, spread, text = grpo_verdict(0.30, {0: 0.40, 1: 0.25})
+    assert not passed and abs(gain - 0.025) < 1e-9 and abs(spread - 0.15) < 1e-9 and "NOT" in text
+
+
+@pytest.mark.parametrize("flags", [["--long"], ["--data", "x.txt"], ["--workers", "2"]])
+def test_post_refuses_other_flags_in_one_line(flags, capsys, tmp_path):
+    assert cli.main(["demo", "--post", "--out", str(tmp_path / "o"), *flags]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and "--" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_mini_study_end_to_end_and_rerun(tmp_path, capsys):
+    out = tmp_path / "post"
+    t0 = time.perf_counter()
+    assert cli.main(["demo", "--post", "--plan", "mini", "--out", str(out)]) == 0
+    first_s = time.perf_counter() - t0
+    report = (out / "report.md").read_text()
+    for row in ("| pretrained (plain a+b=) |", "| pretrained |", "| SFT |", "| DPO |", "| GRPO, seed 0 |",
+                "| GRPO, seed 1 |", "**Verdict:**", "## GRPO rewards"):
+        assert row in report, row
+    assert ("RAISED" in report) != ("did NOT raise" in report)
+    assert (out / "plots" / "grpo_reward.png").stat().st_size > 0
+    for stage in ("pretrain", "sft", "dpo", "grpo-seed0", "grpo-seed1"):
+        assert json.loads((out / stage / "heldout.json").read_text())["n"] == PLANS["mini"].heldout
+    assert json.loads((out / "pairs-counts.json").read_text())["pairs"] > 0
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/heldout.json")}
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    assert cli.main(["demo", "--post", "--plan", "mini", "--out", str(out)]) == 0
+    rerun_s = time.perf_counter() - t0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/heldout.json")} == stamps  # nothing recomputed
+    assert rerun_s < first_s / 2, (rerun_s, first_s)
+    assert (out / "report.md").read_text().split("## Time")[0] == report.split("## Time")[0]
