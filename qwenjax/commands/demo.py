@@ -19,7 +19,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="sweep, fit, predict, train and report end to end on this machine",
         description=_DESCRIPTION)
-    p.add_argument("--out", default=None, help="output folder (default runs/demo; runs/long-demo with --long)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default runs/demo; runs/long-demo with --long, runs/post-demo with --post)")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="text, JSONL or Parquet file, glob or folder (default: the Python standard library)")
     p.add_argument("--plan", choices=("full", "mini"), default="full",
