@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH ?= torch==2.13.0
 
-.PHONY: demo long-demo test lint docs venv venv-test clean
+.PHONY: demo long-demo post-demo test lint docs venv venv-test clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ demo: $(VENV)/.core
 
 long-demo: $(VENV)/.core
 	$(VENV)/bin/qwenjax demo --long --out runs/long-demo
+
+post-demo: $(VENV)/.core
+	$(VENV)/bin/qwenjax demo --post --out runs/post-demo
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q --timeout=900 tests
