@@ -215,7 +215,7 @@ def profile_parts(sides: dict, cfg, model_cfg: ModelConfig, steps: int, rounds: 
 
     s = _shapes(model_cfg, cfg.train.batch_size, cfg.train.seq_len)
     jax_side = sides["qwenjax"]
-    timers = {"qwenjax": _jax_parts(model_cfg, s, cfg.attention.impl, qstep.make_optim_static(cfg), jax_side.hp,
+    timers = {"qwenjax": _jax_parts(model_cfg, s, cfg.attention.kernel, qstep.make_optim_static(cfg), jax_side.hp,
                                     jax_side.state)}
     if "torch" in sides:
         t = sides["torch"]

@@ -167,3 +167,15 @@ def test_tiny_model_chunked_prefill_default_budgets_equal_dense():
     seq = jnp.asarray(np.random.default_rng(0).integers(0, 1024, (2, 97)), jnp.int32)
     want = token_losses(config, params, seq, chunk=48, impl="blockwise")
     np.testing.assert_allclose(token_losses(config, params, seq, chunk=48, impl="sparse"), want, **TOL)
+
+
+def test_training_steps_carry_the_sparse_budgets():
+    """The train step's kernel is the name with the budgets, not the bare `sparse` (the defaults)."""
+    from conftest import TINY
+
+    from qwenjax.run_config import load_config
+    from qwenjax.train.step import make_step_static
+
+    cfg = load_config(TINY, ["attention.impl=sparse", "attention.sparse_vertical=8", "attention.sparse_slash=16"])
+    assert make_step_static(cfg).attention_impl == cfg.attention.kernel
+    assert "vertical=8," in cfg.attention.kernel and "slash=16," in cfg.attention.kernel

@@ -130,7 +130,7 @@ def run_rl(cfg: RunConfig) -> dict[str, Any]:
     ref_params = jax.tree.map(jnp.copy, state["params"])  # frozen: the state's buffers are donated each step
     step_fn, compile_s = compiled_train_step(model_cfg, make_step_static(cfg, GRPO), mesh, B, T)
     hp = make_hparams(cfg, GRPO)
-    ref_fn = reference_logps(model_cfg, cfg.attention.impl)
+    ref_fn = reference_logps(model_cfg, cfg.attention.kernel)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     is_main = jax.process_index() == 0

@@ -35,7 +35,7 @@ def reference_key(cfg: RunConfig, model_cfg, pairs) -> str:
         newest = max((f.stat().st_mtime_ns for f in root.rglob("*") if f.is_file()), default=0)
         source = [str(root), newest]
     parts = [pairs.key, source, None if source else cfg.seed, config_to_dict(model_cfg), cfg.train.seq_len,
-             bool(cfg.data.truncate), cfg.attention.impl, model_cfg.dtype]
+             bool(cfg.data.truncate), cfg.attention.kernel, model_cfg.dtype]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -47,7 +47,7 @@ def attach_cached_reference(cfg: RunConfig, model_cfg, pairs, params_fn: Callabl
     path = pairs.folder / f"ref-{reference_key(cfg, model_cfg, pairs)}.npz"
     if not path.is_file():
         logps = compute_reference(params_fn(), model_cfg, pairs, cfg.train.seq_len,
-                                  max(1, cfg.train.batch_size // cfg.train.grad_accum), cfg.attention.impl)
+                                  max(1, cfg.train.batch_size // cfg.train.grad_accum), cfg.attention.kernel)
         tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npz")
         np.savez(tmp, **logps)
         os.replace(tmp, path)

@@ -88,7 +88,7 @@ def setup_run(cfg: RunConfig) -> RunSetup:
             c, seq_len=T, batch_size=eval_bs, num_batches=cfg.eval.num_batches(eval_bs), process_index=e_block,
             process_count=e_blocks)] for c in data.caches]
     eval_fn, compile_eval_s = compiled_eval_step(model_cfg, mesh, eval_bs, T, objective_of(cfg, heldout=True),
-                                                 attention_impl=cfg.attention.impl)
+                                                 attention_impl=cfg.attention.kernel)
     peak, peak_source = qmetrics.peak_flops(mesh.devices.flat, model_cfg.dtype)
     return RunSetup(cfg, mesh, data, model_cfg, train_iter, eval_sets, eval_fn, compile_eval_s,
                     flops_per_token(model_cfg, T), peak, peak_source)

@@ -71,7 +71,7 @@ def make_optim_static(run_cfg: RunConfig) -> OptimStatic:
 
 def make_step_static(run_cfg: RunConfig, objective=NEXT_TOKEN) -> StepStatic:
     return StepStatic(optim=make_optim_static(run_cfg), objective=objective, grad_accum=run_cfg.train.grad_accum,
-                      attention_impl=run_cfg.attention.impl, remat=run_cfg.train.remat)
+                      attention_impl=run_cfg.attention.kernel, remat=run_cfg.train.remat)
 
 
 def make_hparams(run_cfg: RunConfig, objective=NEXT_TOKEN) -> dict[str, jax.Array]:
