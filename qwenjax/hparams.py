@@ -63,7 +63,7 @@ def _data_parallel(cfg: RunConfig, num_devices: int | None) -> int:
     from qwenjax.train.sharding import mesh_shape
 
     n = num_devices if num_devices is not None else jax.device_count()
-    shape = mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, n)
+    shape = mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, n, cfg.mesh.context)
     return shape[0] * shape[1]
 
 

@@ -87,10 +87,11 @@ def topology(name: str) -> dict[str, Any]:
 
 
 def resolve_mesh(cfg: RunConfig, devices: int) -> dict[str, int]:
-    """mesh.data/fsdp/tensor for `devices` (one -1 = the rest); not dividing: UserError."""
+    """mesh.data/fsdp/tensor (and mesh.context when > 1) for `devices` (one -1 = the rest); not dividing:
+    UserError."""
     m = cfg.mesh
-    shape = sharding.mesh_shape(m.data, m.fsdp, m.tensor, devices)
-    return dict(zip(sharding.MESH_AXES, shape, strict=True))
+    shape = sharding.mesh_shape(m.data, m.fsdp, m.tensor, devices, m.context)
+    return dict(zip(sharding.MESH_AXES, shape, strict=True)) | ({"context": m.context} if m.context > 1 else {})
 
 
 def check_batch(batch: int, grad_accum: int, data_parallel: int) -> None:
