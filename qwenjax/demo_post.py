@@ -67,16 +67,17 @@ class PostPlan:
     rl_steps: int
     rl_prompts_per_step: int
     rl_lr: float
+    rl_temperature: float = 1.0  # rollout sampling temperature
     batch_size: int = 16
     group_size: int = 8
     seeds: tuple[int, ...] = (0, 1)
 
 
 PLANS = {
-    "full": PostPlan(max_operand=100, heldout=200, hidden=128, layers=2, heads=4, vocab_size=340, pre_docs=20000,
-                     pre_steps=150, pre_batch=32, pre_lr=3e-3, sft_convs=4000, sft_steps=60, sft_lr=1e-3, pair_prompts=128,
-                     pair_k=8, dpo_steps=30, dpo_lr=2e-4, rl_prompts=512, rl_steps=40, rl_prompts_per_step=8,
-                     rl_lr=2e-4),
+    "full": PostPlan(max_operand=40, heldout=160, hidden=128, layers=2, heads=4, vocab_size=340, pre_docs=20000,
+                     pre_steps=1000, pre_batch=32, pre_lr=3e-3, sft_convs=4000, sft_steps=100, sft_lr=1e-3,
+                     pair_prompts=128, pair_k=8, dpo_steps=30, dpo_lr=1e-5, rl_prompts=512, rl_steps=200,
+                     rl_prompts_per_step=8, rl_lr=1e-4, rl_temperature=0.6),
     "mini": PostPlan(max_operand=5, heldout=5, hidden=32, layers=1, heads=2, vocab_size=340, pre_docs=400,
                      pre_steps=20, pre_batch=8, pre_lr=3e-3, sft_convs=100, sft_steps=20, sft_lr=3e-3,
                      pair_prompts=24, pair_k=4, dpo_steps=2, dpo_lr=1e-4, rl_prompts=16, rl_steps=2,
@@ -222,7 +223,8 @@ def run_post_demo(out: str | Path = "runs/post-demo", *, plan: str | PostPlan = 
     t0 = time.perf_counter()
     pre = out / "pretrain"
     train(_cfg(out, "pretrain", {**base, "data.path": str(files["pretrain"]), "data.format": "text",
-                                 "data.vocab_size": plan.vocab_size, "train.steps": plan.pre_steps, "train.batch_size": plan.pre_batch,
+                                 "data.vocab_size": plan.vocab_size, "train.steps": plan.pre_steps,
+                                 "train.batch_size": plan.pre_batch,
                                  "optim.lr": plan.pre_lr, "optim.schedule": "cosine", "optim.min_lr_ratio": 0.1}))
     acc = {"pretrained (plain a+b=)": _evaluated(pre, held, chat=False)}
     acc["pretrained"] = _evaluated(pre, held, name="heldout-chat.json")  # ChatML, which it never saw
@@ -265,7 +267,8 @@ def run_post_demo(out: str | Path = "runs/post-demo", *, plan: str | PostPlan = 
         run_rl(_cfg(out, name, {**base, "model.init_from": str(start), "data.tokenizer": tok, "seed": seed,
                                 "rl.prompts": str(files["rl_prompts"]), "rl.verifier": "answer",
                                 "rl.group_size": plan.group_size, "rl.prompts_per_step": plan.rl_prompts_per_step,
-                                "rl.max_new_tokens": MAX_NEW, "train.steps": plan.rl_steps,
+                                "rl.max_new_tokens": MAX_NEW, "rl.temperature": plan.rl_temperature,
+                                "train.steps": plan.rl_steps,
                                 "optim.lr": plan.rl_lr, "optim.schedule": "constant"}))
         grpo[seed] = _evaluated(out / name, held)
         stage_s[name] = time.perf_counter() - t0

@@ -31,20 +31,22 @@ def grpo_verdict(start: float, seeds: dict[int, float]) -> tuple[bool, float, fl
 
 
 def reward_plot(out: Path, seeds: list[int]) -> Path:
-    """GRPO's reward mean per round (and the group-sampled accuracy) for each seed, from metrics.jsonl."""
+    """GRPO's mean reward per round for each seed (faint) and its trailing mean, from metrics.jsonl."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for s in seeds:
+    for i, s in enumerate(seeds):
         recs = jsonl.read(out / f"grpo-seed{s}" / "metrics.jsonl")
-        steps = [r["step"] for r in recs]
-        ax.plot(steps, [r["reward_mean"] for r in recs], marker=".", label=f"seed {s}: reward mean")
-        ax.fill_between(steps, [r["reward_mean"] - r["reward_std"] for r in recs],
-                        [r["reward_mean"] + r["reward_std"] for r in recs], alpha=0.1)
+        steps, reward = [r["step"] for r in recs], [r["reward_mean"] for r in recs]
+        ax.plot(steps, reward, color=f"C{i}", alpha=0.25, lw=0.8)
+        w = max(1, min(10, len(reward) // 5))  # a trailing mean over w rounds: one round is 64 coin flips
+        smooth = [sum(reward[max(0, j - w + 1):j + 1]) / len(reward[max(0, j - w + 1):j + 1])
+                  for j in range(len(reward))]
+        ax.plot(steps, smooth, color=f"C{i}", lw=1.8, label=f"seed {s} (mean of the last {w} rounds)")
     ax.set_xlabel("GRPO round")
     ax.set_ylabel("reward (1 = exact answer)")
     ax.set_ylim(-0.05, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("GRPO: mean reward of the round's sampled answers (band: +- std)")
+    ax.set_title("GRPO: mean reward of each round's sampled answers")
     fig.tight_layout()
     path = out / "plots" / "grpo_reward.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,8 +65,9 @@ def write_report(out: Path, *, plan: dict, accuracy: dict[str, dict], grpo: dict
              f"{plan['layers']} layers, pre-trained for {plan['pre_steps']} steps on {plan['pre_docs']} plain-text "
              f"problems, then SFT ({plan['sft_steps']} steps on {plan['sft_convs']} ChatML conversations), "
              f"DPO ({plan['dpo_steps']} steps on pairs from {plan['pair_k']} samples per prompt) and GRPO "
-             f"({plan['rl_steps']} rounds of {plan['rl_prompts_per_step']} prompts x {plan['group_size']} answers, "
-             f"exact-answer reward) with seeds {', '.join(map(str, plan['seeds']))}.", "",
+             f"({plan['rl_steps']} rounds of {plan['rl_prompts_per_step']} prompts x {plan['group_size']} answers "
+             f"sampled at temperature {plan['rl_temperature']}, exact-answer reward, lr {plan['rl_lr']:g}) "
+             f"with seeds {', '.join(map(str, plan['seeds']))}.", "",
              "## Held-out exact-match accuracy", "",
              f"{plan['heldout']} fixed held-out problems (never in any training file), greedy decoding, correct "
              "when the answer's final number is the sum.", "",
@@ -81,10 +84,12 @@ def write_report(out: Path, *, plan: dict, accuracy: dict[str, dict], grpo: dict
               f"{pairs['correct']} of {pairs['answers']} right; {pairs['pairs']} pairs, {pairs['all_correct']} "
               f"prompts all right and {pairs['all_wrong']} all wrong (skipped).", "",
               "## GRPO rewards", "", f"![GRPO reward]({plot.relative_to(out)})", "",
-              "| seed | first round reward | last round reward | last round kl |", "|---|---|---|---|"]
+              "| seed | reward, first rounds | reward, last rounds | kl, last round |", "|---|---|---|---|"]
     for s in grpo:
         recs = jsonl.read(out / f"grpo-seed{s}" / "metrics.jsonl")
-        lines.append(f"| {s} | {recs[0]['reward_mean']:.3f} | {recs[-1]['reward_mean']:.3f} | "
+        w = max(1, min(10, len(recs) // 5))
+        mean = lambda rs: sum(r["reward_mean"] for r in rs) / len(rs)  # noqa: E731
+        lines.append(f"| {s} | {mean(recs[:w]):.3f} (first {w}) | {mean(recs[-w:]):.3f} (last {w}) | "
                      f"{recs[-1]['kl']:.2e} |")
     lines += ["", "## Examples (first held-out prompts)", ""]
     for name, r in [*accuracy.items(), *((f"GRPO seed {s}", r) for s, r in grpo.items())]:

@@ -2,7 +2,6 @@
 rerun (every stage reused from disk), the verdict rule, and the bad flag combinations."""
 
 import json
-import time
 
 import pytest
 
@@ -33,9 +32,7 @@ def test_post_refuses_other_flags_in_one_line(flags, capsys, tmp_path):
 
 def test_mini_study_end_to_end_and_rerun(tmp_path, capsys):
     out = tmp_path / "post"
-    t0 = time.perf_counter()
     assert cli.main(["demo", "--post", "--plan", "mini", "--out", str(out)]) == 0
-    first_s = time.perf_counter() - t0
     report = (out / "report.md").read_text()
     for row in ("| pretrained (plain a+b=) |", "| pretrained |", "| SFT |", "| DPO |", "| GRPO, seed 0 |",
                 "| GRPO, seed 1 |", "**Verdict:**", "## GRPO rewards"):
@@ -45,11 +42,10 @@ def test_mini_study_end_to_end_and_rerun(tmp_path, capsys):
     for stage in ("pretrain", "sft", "dpo", "grpo-seed0", "grpo-seed1"):
         assert json.loads((out / stage / "heldout.json").read_text())["n"] == PLANS["mini"].heldout
     assert json.loads((out / "pairs-counts.json").read_text())["pairs"] > 0
-    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/heldout.json")}
+    done = [*out.glob("*/heldout.json"), *out.glob("*/summary.json"), *out.glob("*/metrics.jsonl"),
+            out / "pairs.jsonl"]
+    stamps = {p: p.stat().st_mtime_ns for p in done}
     capsys.readouterr()
-    t0 = time.perf_counter()
     assert cli.main(["demo", "--post", "--plan", "mini", "--out", str(out)]) == 0
-    rerun_s = time.perf_counter() - t0
-    assert {p: p.stat().st_mtime_ns for p in out.glob("*/heldout.json")} == stamps  # nothing recomputed
-    assert rerun_s < first_s / 2, (rerun_s, first_s)
+    assert {p: p.stat().st_mtime_ns for p in done} == stamps  # every stage reused, nothing retrained or rescored
     assert (out / "report.md").read_text().split("## Time")[0] == report.split("## Time")[0]
