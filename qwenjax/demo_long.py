@@ -75,6 +75,8 @@ class LongPlan:
     ppl_sequences: int
     eval_batch: int
     multiples: tuple[int, ...] = (1, 2, 4)  # passkey lengths, in units of seq_len
+    fixed_filler: float = 0.5  # share of training documents whose filler is the eval's, in its order
+    short_docs: float = 0.0  # share of training documents drawn up to seq_len / 2 tokens (more keys per token)
 
 
 PLANS = {
@@ -95,32 +97,34 @@ def _say(stage: int, text: str) -> None:
     print(f"[{stage}/6] {text}", file=sys.stderr, flush=True)
 
 
-def _filler(rng: np.random.Generator, n_sentences: int) -> list[str]:
-    """Half the documents: the eval's filler sentences in their order from a random start; half: a random
-    draw from all sentences."""
-    if rng.random() < 0.5:
+def _filler(rng: np.random.Generator, n_sentences: int, fixed: float = 0.5) -> list[str]:
+    """A share `fixed` of the documents: the eval's filler sentences in their order from a random start; the
+    others: a random draw from all sentences."""
+    if rng.random() < fixed:
         start = int(rng.integers(len(EVAL_SENTENCES)))
         return [EVAL_SENTENCES[(start + i) % len(EVAL_SENTENCES)] for i in range(n_sentences)]
     pool = EVAL_SENTENCES + EXTRA_SENTENCES
     return [pool[i] for i in rng.integers(len(pool), size=n_sentences)]
 
 
-def make_document(rng: np.random.Generator, filler_tokens: int, sentence_tokens: float) -> str:
+def make_document(rng: np.random.Generator, filler_tokens: int, sentence_tokens: float, fixed: float = 0.5) -> str:
     """One training document: HEAD, filler with the key sentence at a random depth, the question and its
     answer; about `filler_tokens` tokens of filler (sentences of `sentence_tokens` tokens on average)."""
     key = str(int(rng.integers(10_000, 100_000)))
-    sentences = _filler(rng, max(0, round(filler_tokens / sentence_tokens)))
+    sentences = _filler(rng, max(0, round(filler_tokens / sentence_tokens)), fixed)
     cut = int(rng.integers(len(sentences) + 1))
     return (HEAD + "".join(sentences[:cut]) + KEY_SENTENCE.format(key=key) + "".join(sentences[cut:])
             + QUESTION + f" {key}.")
 
 
 def _write_corpus(path: Path, rng: np.random.Generator, n_docs: int, max_tokens: int, fixed_tokens: int,
-                  sentence_tokens: float) -> Path:
-    """`n_docs` documents of uniformly drawn lengths up to `max_tokens` (JSONL, one `text` per line)."""
+                  sentence_tokens: float, plan: LongPlan) -> Path:
+    """`n_docs` documents of uniformly drawn lengths up to `max_tokens`, a share `plan.short_docs` of them up to
+    half that (JSONL, one `text` per line)."""
     if not path.is_file():
-        lines = [json.dumps({"text": make_document(rng, int(rng.integers(0, int(0.95 * max_tokens) - fixed_tokens)),
-                                                   sentence_tokens)}) for _ in range(n_docs)]
+        top = lambda: int(0.95 * max_tokens) // (2 if rng.random() < plan.short_docs else 1)
+        lines = [json.dumps({"text": make_document(rng, int(rng.integers(0, max(1, top() - fixed_tokens))),
+                                                   sentence_tokens, plan.fixed_filler)}) for _ in range(n_docs)]
         atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
@@ -217,9 +221,9 @@ def run_long_demo(out: str | Path = "runs/long-demo", *, plan: str | LongPlan = 
     rng = np.random.default_rng(TRAIN_SEED)
     mean_short = (fixed + plan.seq_len) / 2
     n_short = int(1.3 * plan.steps * plan.batch_size * plan.seq_len / mean_short) + 40
-    short = _write_corpus(out / "corpus-short.jsonl", rng, n_short, plan.seq_len, fixed, sentence)
+    short = _write_corpus(out / "corpus-short.jsonl", rng, n_short, plan.seq_len, fixed, sentence, plan)
     n_long = int(1.3 * plan.abf_steps * plan.abf_batch_size * long_len / ((fixed + long_len) / 2)) + 40
-    long = _write_corpus(out / "corpus-long.jsonl", rng, n_long, long_len, fixed, sentence)
+    long = _write_corpus(out / "corpus-long.jsonl", rng, n_long, long_len, fixed, sentence, plan)
     eval_rng = np.random.default_rng(EVAL_SEED + 1)  # held-out documents of 4x length for the loss by position
     docs = [make_document(eval_rng, long_len - fixed, sentence) for _ in range(plan.ppl_sequences + 2)]
     _say(1, f"tokenizer: {tok.vocab_size} tokens; passkey document without filler: {fixed} tokens; corpora: "
