@@ -177,6 +177,19 @@ def method_overrides(method: str, plan: LongPlan) -> dict[str, Any]:
     return {}
 
 
+def _ppl_per_document(losses, tokenizer, docs: list[str], length: int, bucket: int, mpe: int) -> dict:
+    """Loss by position over the first `length` tokens of each document, averaged: every window is one
+    document from its start (packed windows would cross document boundaries, which the model never saw)."""
+    tables = [run_ppl_by_position(losses, tokenizer, [doc], length=length, bucket=bucket, sequences=1,
+                                  max_position_embeddings=mpe) for doc in docs]
+    buckets = [{**b, "loss": float(np.mean([t["buckets"][i]["loss"] for t in tables]))}
+               for i, b in enumerate(tables[0]["buckets"])]
+    for b in buckets:
+        b["ppl"] = float(np.exp(min(b["loss"], 700.0)))
+    return {**tables[0], "sequences": len(tables), "tokens": sum(t["tokens"] for t in tables),
+            "mean_loss": float(np.mean([t["mean_loss"] for t in tables])), "buckets": buckets}
+
+
 def _evaluate(out: Path, method: str, checkpoint: Path, tok: Path, plan: LongPlan, docs: list[str]) -> dict:
     """Passkey (every length x depth) and loss by position (1x and 4x) of one method, saved to evals/."""
     path = out / "evals" / f"{method}.json"
@@ -189,9 +202,7 @@ def _evaluate(out: Path, method: str, checkpoint: Path, tok: Path, plan: LongPla
     passkey = run_passkey(model_decoder(config, params), tokenizer, lengths=lengths, depths=list(plan.depths),
                           trials=plan.trials, seed=EVAL_SEED, batch_size=plan.eval_batch, max_position_embeddings=mpe)
     losses = model_losses(config, params)
-    ppl = {str(n): run_ppl_by_position(losses, tokenizer, docs, length=n, bucket=plan.seq_len // 4,
-                                       sequences=plan.ppl_sequences, batch_size=plan.ppl_sequences,
-                                       max_position_embeddings=mpe)
+    ppl = {str(n): _ppl_per_document(losses, tokenizer, docs, n, plan.seq_len // 4, mpe)
            for n in (plan.seq_len, plan.seq_len * plan.factor)}
     result = {"method": method, "checkpoint": str(checkpoint), "overrides": method_overrides(method, plan),
               "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling_dict,
@@ -224,8 +235,8 @@ def run_long_demo(out: str | Path = "runs/long-demo", *, plan: str | LongPlan = 
     short = _write_corpus(out / "corpus-short.jsonl", rng, n_short, plan.seq_len, fixed, sentence, plan)
     n_long = int(1.3 * plan.abf_steps * plan.abf_batch_size * long_len / ((fixed + long_len) / 2)) + 40
     long = _write_corpus(out / "corpus-long.jsonl", rng, n_long, long_len, fixed, sentence, plan)
-    eval_rng = np.random.default_rng(EVAL_SEED + 1)  # held-out documents of 4x length for the loss by position
-    docs = [make_document(eval_rng, long_len - fixed, sentence) for _ in range(plan.ppl_sequences + 2)]
+    eval_rng = np.random.default_rng(EVAL_SEED + 1)  # held-out documents over 4x long for the loss by position
+    docs = [make_document(eval_rng, int(1.25 * long_len), sentence) for _ in range(plan.ppl_sequences)]
     _say(1, f"tokenizer: {tok.vocab_size} tokens; passkey document without filler: {fixed} tokens; corpora: "
             f"{n_short} documents up to {plan.seq_len} tokens, {n_long} up to {long_len}")
 

@@ -125,9 +125,9 @@ def write_long_report(out: Path, *, plan, plan_name: str, results: dict[str, dic
         f"{seq_len} tokens.)", "", *verdict, "",
         "## Table", "",
         f"Passkey: {plan.trials} keys x {len(plan.depths)} depths per length (a prompt without filler is "
-        f"{fixed_tokens} tokens). Loss: mean next-token loss (nats) over {plan.ppl_sequences} held-out documents "
-        f"of {long_len} tokens; 'inside' / 'beyond' are the positions below / from {seq_len} of the {long_len}-token "
-        "windows.", "",
+        f"{fixed_tokens} tokens). Loss: mean next-token loss (nats) over the first {long_len} (or {seq_len}) tokens "
+        f"of {plan.ppl_sequences} held-out documents, each window one document from its start; 'inside' / "
+        f"'beyond' are the positions below / from {seq_len} of the {long_len}-token windows.", "",
         "| method | " + " | ".join(f"passkey @{n}" for n in lengths) + f" | loss @{seq_len} | loss inside | "
         "loss beyond |",
         "|---|" + "---:|" * (len(lengths) + 3),
