@@ -37,6 +37,8 @@ def test_method_overrides_apply_to_an_eval():
 def test_long_refuses_options_of_the_other_demo(tmp_path, capsys):
     assert cli.main(["demo", "--long", "--out", str(tmp_path), "--data", str(tmp_path)]) == 2
     assert "--long" in capsys.readouterr().err
+    assert cli.main(["demo", "--long", "--post", "--out", str(tmp_path)]) == 2
+    assert "give one of them" in capsys.readouterr().err
 
 
 @pytest.mark.slow
