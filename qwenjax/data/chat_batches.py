@@ -27,6 +27,7 @@ import numpy as np
 
 from qwenjax.data.batches import BATCH_DTYPES, Batch
 from qwenjax.data.chat import encode_chat, read_conversations, special_ids
+from qwenjax.data.step_iterator import StepIterator
 from qwenjax.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from qwenjax.errors import UserError
 
@@ -164,23 +165,17 @@ def pack_rows(lengths: np.ndarray, order: np.ndarray, seq_len: int) -> list[list
     return rows
 
 
-class ChatTrainIterator:
+class ChatTrainIterator(StepIterator):
     """Packed training batches over epochs (each epoch a new seeded order), checkpointable by its step: the
     interface of `qwenjax.data.TrainIterator` (`next`, `batch_at`, `get_state`, `set_state`, `close`)."""
 
+    STATE_FORMAT, KIND = CHAT_STATE_FORMAT, "chat"
+    FINGERPRINT_OF = "conversations, tokenizer, seq_len, global batch size, seed or truncation"
+
     def __init__(self, cache: ChatCache, seq_len: int, global_batch_size: int, seed: int, truncate: bool,
                  process_index: int, process_count: int):
-        if global_batch_size < 1 or global_batch_size % process_count:
-            raise UserError(f"global_batch_size {global_batch_size} is not a positive multiple of the "
-                            f"number of processes {process_count}")
-        cache.check_lengths(seq_len, truncate)
-        if cache.num("train") < 1:
-            raise UserError(f"the chat data {cache.files} has no training conversations")
-        self.cache, self.seq_len, self.seed = cache, int(seq_len), int(seed)
-        self.global_batch_size = int(global_batch_size)
-        self.local = self.global_batch_size // process_count
-        self.first = process_index * self.local
-        self.step = 0
+        self._start(cache, seq_len, global_batch_size, seed, truncate, process_index, process_count,
+                    empty=f"the chat data {cache.files} has no training conversations")
         self._lengths = cache.lengths("train")
         self._epoch_rows: dict[int, list[list[int]]] = {}
         self._epoch_starts = [0]  # global row index where each computed epoch starts
@@ -209,28 +204,6 @@ class ChatTrainIterator:
     def batch_at(self, step: int) -> Batch:
         base = int(step) * self.global_batch_size + self.first
         return self.cache.rows_batch("train", [self._row(base + r) for r in range(self.local)], self.seq_len)
-
-    def __iter__(self) -> ChatTrainIterator:
-        return self
-
-    def __next__(self) -> Batch:
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
-
-    def get_state(self) -> dict[str, Any]:
-        return {"format": CHAT_STATE_FORMAT, "fingerprint": self.fingerprint, "step": self.step}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("format") != CHAT_STATE_FORMAT:
-            raise UserError("not a chat data-iterator state (expected the dict from ChatTrainIterator.get_state())")
-        if state.get("fingerprint") != self.fingerprint:
-            raise UserError("the data-iterator state was saved for a different data configuration "
-                            "(conversations, tokenizer, seq_len, global batch size, seed or truncation changed)")
-        self.step = int(state["step"])
-
-    def close(self) -> None:
-        pass
 
 
 def build_chat_cache(files: Sequence[Path], tokenizer_path: str | os.PathLike, cache_root: str | os.PathLike, *,

@@ -14,11 +14,11 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from qwenjax.data.chat import check_messages, render, special_ids
+from qwenjax.data.step_iterator import StepIterator
 from qwenjax.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from qwenjax.errors import UserError
 
@@ -192,22 +192,18 @@ class PairCache:
         return out
 
 
-class PairTrainIterator:
+class PairTrainIterator(StepIterator):
     """Pairs in a new seeded order each epoch, B per step; checkpointable by its step (the interface of
     qwenjax.data.TrainIterator: next, batch_at, get_state, set_state, close)."""
 
+    STATE_FORMAT, KIND = PAIR_STATE_FORMAT, "pair"
+    FINGERPRINT_OF = "pairs, tokenizer, seq_len, batch size, seed or truncation"
+
     def __init__(self, cache: PairCache, seq_len: int, global_batch_size: int, seed: int, truncate: bool,
                  process_index: int, process_count: int):
-        if global_batch_size < 1 or global_batch_size % process_count:
-            raise UserError(f"global_batch_size {global_batch_size} is not a positive multiple of the "
-                            f"number of processes {process_count}")
-        cache.check_lengths(seq_len, truncate)
-        if cache.num("train") < 1:
-            raise UserError(f"the pairs {[str(f) for f in cache.files]} hold no training pair")
-        self.cache, self.seq_len, self.seed, self.B = cache, int(seq_len), int(seed), int(global_batch_size)
-        self.local = self.B // process_count
-        self.first = process_index * self.local
-        self.step = 0
+        self._start(cache, seq_len, global_batch_size, seed, truncate, process_index, process_count,
+                    empty=f"the pairs {[str(f) for f in cache.files]} hold no training pair")
+        self.B = self.global_batch_size
         self.fingerprint = hashlib.sha256(json.dumps([cache.key, self.seq_len, self.B, self.seed, bool(truncate)]
                                                      ).encode()).hexdigest()[:16]
 
@@ -219,28 +215,6 @@ class PairTrainIterator:
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         base = int(step) * self.B + self.first
         return self.cache.rows_batch("train", [self._pair(base + r) for r in range(self.local)], self.seq_len)
-
-    def __iter__(self) -> PairTrainIterator:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
-
-    def get_state(self) -> dict[str, Any]:
-        return {"format": PAIR_STATE_FORMAT, "fingerprint": self.fingerprint, "step": self.step}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("format") != PAIR_STATE_FORMAT:
-            raise UserError("not a pair data-iterator state (expected the dict from PairTrainIterator.get_state())")
-        if state.get("fingerprint") != self.fingerprint:
-            raise UserError("the data-iterator state was saved for different pairs, tokenizer, seq_len, batch "
-                            "size, seed or truncation")
-        self.step = int(state["step"])
-
-    def close(self) -> None:
-        pass
 
 
 def build_pair_cache(files: Sequence[Path], tokenizer_path: str | os.PathLike, cache_root: str | os.PathLike, *,
