@@ -94,6 +94,15 @@ QWEN2_5_CHAT_TEMPLATE = (
 )
 
 
+def prompt_messages(prompt: Any, where: str) -> list[dict[str, str]]:
+    """A record's `prompt` as messages: a non-empty string is one user turn, else a checked messages list."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise UserError(f"{where}: \"prompt\" is empty")
+        return [{"role": "user", "content": prompt}]
+    return check_messages(prompt, where)
+
+
 def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     """`messages` as a list of {"role", "content"} dicts, or a UserError naming `where` (file:line)."""
     if not isinstance(messages, list):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwenjax.data.chat import check_messages, render, special_ids
+from qwenjax.data.chat import prompt_messages, render, special_ids
 from qwenjax.data.step_iterator import StepIterator
 from qwenjax.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from qwenjax.errors import UserError
@@ -55,12 +55,7 @@ def parse_pair(line: str, where: str) -> tuple[str, str, list[dict[str, str]], s
         if key not in rec:
             raise UserError(f"{where}: no \"{key}\" (a pair has \"prompt\", \"chosen\" and \"rejected\")")
     prompt = rec["prompt"]
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise UserError(f"{where}: \"prompt\" is empty")
-        messages = [{"role": "user", "content": prompt}]
-    else:
-        messages = check_messages(prompt, where)
+    messages = prompt_messages(prompt, where)
     for key in SIDES:
         if not isinstance(rec[key], str):
             raise UserError(f"{where}: \"{key}\" must be a string (the assistant's answer), "

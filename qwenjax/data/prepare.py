@@ -124,6 +124,22 @@ def is_chat(cfg: RunConfig, files: list[Path]) -> bool:
     return fmt == "chat"
 
 
+def _tokenizer_for(d, files: list[Path], cache_root: Path, kind: str, texts) -> Path:
+    """`data.tokenizer`, or one trained (once, cached) on the rendered records `texts()` yields: what the
+    model will see, special tokens included."""
+    if d.tokenizer:
+        return Path(d.tokenizer).expanduser()
+    key = hashlib.sha256(json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns]
+                                     for f in files]).encode()).hexdigest()[:20]
+    text = cache_root / kind / f"{key}.txt"
+    if not text.is_file():
+        text.parent.mkdir(parents=True, exist_ok=True)
+        tmp = text.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text("".join(texts()), encoding="utf-8")
+        os.replace(tmp, text)
+    return ensure_tokenizer([text], d.vocab_size, cache_root)
+
+
 def prepare_chat(cfg: RunConfig, sources: list) -> DataSetup:
     """Chat data: one source; the tokenizer (when not given) is trained on the rendered conversations."""
     d = cfg.data
@@ -131,18 +147,8 @@ def prepare_chat(cfg: RunConfig, sources: list) -> DataSetup:
         raise UserError("chat data takes one data.path (a JSONL file, glob or folder), not data.sources")
     files = sources[0][1]
     cache_root = d.resolved_cache_dir()
-    if d.tokenizer:
-        tok_path = Path(d.tokenizer).expanduser()
-    else:
-        key = hashlib.sha256(json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns]
-                                         for f in files]).encode()).hexdigest()[:20]
-        text = cache_root / "chat-text" / f"{key}.txt"  # the rendered conversations, what the tokenizer sees
-        if not text.is_file():
-            text.parent.mkdir(parents=True, exist_ok=True)
-            tmp = text.with_suffix(f".tmp-{os.getpid()}")
-            tmp.write_text("".join(render(m)[0] for _, _, m in read_conversations(files)), encoding="utf-8")
-            os.replace(tmp, text)
-        tok_path = ensure_tokenizer([text], d.vocab_size, cache_root)
+    tok_path = _tokenizer_for(d, files, cache_root, "chat-text",
+                              lambda: (render(m)[0] for _, _, m in read_conversations(files)))
     chat = build_chat_cache(files, tok_path, cache_root / "chat", heldout_fraction=d.heldout_fraction)
     chat.check_lengths(cfg.train.seq_len, d.truncate)
     log.info("chat data: %d training conversations, %d held out; %d packed rows of %d tokens per epoch",
@@ -162,19 +168,9 @@ def prepare_pairs(cfg: RunConfig, sources: list) -> DataSetup:
                         "data.sources")
     files = sources[0][1]
     cache_root = d.resolved_cache_dir()
-    if d.tokenizer:
-        tok_path = Path(d.tokenizer).expanduser()
-    else:
-        key = hashlib.sha256(json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns]
-                                         for f in files]).encode()).hexdigest()[:20]
-        text = cache_root / "pairs-text" / f"{key}.txt"
-        if not text.is_file():
-            text.parent.mkdir(parents=True, exist_ok=True)
-            tmp = text.with_suffix(f".tmp-{os.getpid()}")
-            tmp.write_text("".join(render([*m, {"role": "assistant", "content": a}])[0]
-                                   for _, _, m, c, r in read_pairs(files) for a in (c, r)), encoding="utf-8")
-            os.replace(tmp, text)
-        tok_path = ensure_tokenizer([text], d.vocab_size, cache_root)
+    tok_path = _tokenizer_for(d, files, cache_root, "pairs-text",
+                              lambda: (render([*m, {"role": "assistant", "content": a}])[0]
+                                       for _, _, m, c, r in read_pairs(files) for a in (c, r)))
     pairs = build_pair_cache(files, tok_path, cache_root / "pairs", heldout_fraction=d.heldout_fraction)
     pairs.check_lengths(cfg.train.seq_len, d.truncate)
     log.info("pairs: %d training, %d held out", pairs.num("train"), pairs.num("heldout"))

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from qwenjax.data.chat import check_messages
+from qwenjax.data.chat import prompt_messages
 from qwenjax.errors import UserError
 from qwenjax.jsonl import atomic_write_text
 from qwenjax.post import sandbox
@@ -51,12 +51,7 @@ def read_prompts(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
         if not isinstance(rec, dict) or "prompt" not in rec:
             raise UserError(f"{where}: expected an object with \"prompt\" and \"answer\" or \"tests\"")
         prompt = rec["prompt"]
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise UserError(f"{where}: \"prompt\" is empty")
-            messages = [{"role": "user", "content": prompt}]
-        else:
-            messages = check_messages(prompt, where)
+        messages = prompt_messages(prompt, where)
         if ("answer" in rec) == ("tests" in rec):
             raise UserError(f"{where}: give exactly one of \"answer\" (math) or \"tests\" (code)")
         out: dict[str, Any] = {"prompt": prompt, "messages": messages}
