@@ -182,29 +182,38 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict[str, str]], add_ge
     return np.asarray(ids, dtype=np.int32), mask_T
 
 
-def read_conversations(files: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str, list[dict[str, str]]]]:
-    """(`file:line`, the raw line, its validated messages) for every non-blank line of the JSONL files."""
-    for f in files:
-        f = Path(f)
+def jsonl_lines(files: Sequence[str | os.PathLike], kind: str) -> Iterator[tuple[str, str]]:
+    """(`file:line`, the line) for every non-blank line of the files; an unreadable or non-UTF-8 file is one
+    UserError naming it as a `kind` file (chat, pairs, prompts)."""
+    for f in map(Path, files):
         try:
             fh = open(f, encoding="utf-8")
         except OSError as e:
-            raise UserError(f"cannot read chat file {f}: {e.strerror or e}") from None
+            raise UserError(f"cannot read {kind} file {f}: {e.strerror or e}") from None
         with fh:
             try:
                 for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    where = f"{f}:{lineno}"
-                    try:
-                        rec = json.loads(line)
-                    except ValueError as e:
-                        raise UserError(f"{where}: not valid JSON ({e.msg})") from None
-                    if not isinstance(rec, dict) or "messages" not in rec:
-                        raise UserError(f"{where}: expected an object with \"messages\" (chat data)")
-                    yield where, line.strip(), check_messages(rec["messages"], where)
+                    if line.strip():
+                        yield f"{f}:{lineno}", line
             except UnicodeDecodeError:
-                raise UserError(f"chat file {f} is not UTF-8 text") from None
+                raise UserError(f"{kind} file {f} is not UTF-8 text") from None
+
+
+def parse_record(line: str, where: str) -> Any:
+    """One JSONL line's value, or a UserError naming `where` (file:line)."""
+    try:
+        return json.loads(line)
+    except ValueError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+
+
+def read_conversations(files: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str, list[dict[str, str]]]]:
+    """(`file:line`, the raw line, its validated messages) for every non-blank line of the JSONL files."""
+    for where, line in jsonl_lines(files, "chat"):
+        rec = parse_record(line, where)
+        if not isinstance(rec, dict) or "messages" not in rec:
+            raise UserError(f"{where}: expected an object with \"messages\" (chat data)")
+        yield where, line.strip(), check_messages(rec["messages"], where)
 
 
 def is_chat_file(path: str | os.PathLike) -> bool:

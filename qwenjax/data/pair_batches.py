@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwenjax.data.chat import prompt_messages, render, special_ids
+from qwenjax.data.chat import jsonl_lines, parse_record, prompt_messages, render, special_ids
 from qwenjax.data.step_iterator import StepIterator
 from qwenjax.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from qwenjax.errors import UserError
@@ -30,25 +30,12 @@ SIDES = ("chosen", "rejected")
 def read_pairs(files: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str, list[dict[str, str]], str, str]]:
     """(`file:line`, the raw line, prompt messages, chosen, rejected) per non-blank line, validated (UserError
     naming file:line: not JSON, a missing key, an empty answer, a prompt that is neither text nor messages)."""
-    for f in map(Path, files):
-        try:
-            fh = open(f, encoding="utf-8")
-        except OSError as e:
-            raise UserError(f"cannot read pairs file {f}: {e.strerror or e}") from None
-        with fh:
-            try:
-                for lineno, line in enumerate(fh, 1):
-                    if line.strip():
-                        yield parse_pair(line, f"{f}:{lineno}")
-            except UnicodeDecodeError:
-                raise UserError(f"pairs file {f} is not UTF-8 text") from None
+    for where, line in jsonl_lines(files, "pairs"):
+        yield parse_pair(line, where)
 
 
 def parse_pair(line: str, where: str) -> tuple[str, str, list[dict[str, str]], str, str]:
-    try:
-        rec = json.loads(line)
-    except ValueError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+    rec = parse_record(line, where)
     if not isinstance(rec, dict):
         raise UserError(f"{where}: expected an object with \"prompt\", \"chosen\" and \"rejected\"")
     for key in ("prompt", "chosen", "rejected"):

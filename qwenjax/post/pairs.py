@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from qwenjax.data.chat import prompt_messages
+from qwenjax.data.chat import jsonl_lines, parse_record, prompt_messages
 from qwenjax.errors import UserError
 from qwenjax.jsonl import atomic_write_text
 from qwenjax.post import sandbox
@@ -33,21 +33,8 @@ _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)```", re.DOTALL)
 def read_prompts(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(`file:line`, {"prompt": original, "messages", and "answer" or "tests"}) per non-blank line, validated
     (one UserError line naming file:line)."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise UserError(f"cannot read prompts file {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"prompts file {path} is not UTF-8 text") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+    for where, line in jsonl_lines([path], "prompts"):
+        rec = parse_record(line, where)
         if not isinstance(rec, dict) or "prompt" not in rec:
             raise UserError(f"{where}: expected an object with \"prompt\" and \"answer\" or \"tests\"")
         prompt = rec["prompt"]
