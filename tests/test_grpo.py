@@ -182,3 +182,52 @@ def test_curriculum_puts_high_variance_first_and_rl_tiny_loads():
     assert curriculum_order(3, {1: 0.2}) == [0, 2, 1]  # not yet measured: first, in file order
     cfg = load_config(CONFIGS / "rl-tiny.yaml", ["rl.prompts=p.jsonl"])
     assert (cfg.rl.group_size, cfg.rl.prompts_per_step, cfg.train.steps) == (16, 4, 60)
+
+
+def test_rl_resumes_after_a_crash_as_if_never_stopped(tiny_tokenizer_path, tmp_path, monkeypatch):
+    """Rounds 1-3 run, a checkpoint at round 2, a crash in round 4; the rerun resumes from round 2 (the
+    curriculum's place and variances with it), redoes round 3, and ends where a run never stopped ends."""
+    from conftest import CONFIGS
+
+    from qwenjax import model_io
+    from qwenjax.post import rl_loop
+    from qwenjax.run_config import load_config
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{a}+1?", "answer": a + 1}) + "\n" for a in range(3)))
+
+    def cfg(run):
+        return load_config(CONFIGS / "rl-tiny.yaml", [
+            "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
+            "model.num_attention_heads=2", "model.num_key_value_heads=1", "model.max_position_embeddings=256",
+            "model.dtype=float32", f"data.tokenizer={tiny_tokenizer_path}", f"rl.prompts={prompts}",
+            "rl.group_size=4", "rl.prompts_per_step=2", "rl.max_new_tokens=6", "train.seq_len=128",
+            "train.steps=4", "checkpoint.every_steps=2", f"run_dir={run}"])
+
+    straight = rl_loop.run_rl(cfg(tmp_path / "straight"))
+    real, calls = rl_loop.sample_group, []
+
+    def killed_in_round_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3 * 2:  # 2 prompts per round
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rl_loop, "sample_group", killed_in_round_4)
+    with pytest.raises(RuntimeError, match="killed"):
+        rl_loop.run_rl(cfg(tmp_path / "stopped"))
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+    monkeypatch.setattr(rl_loop, "sample_group", real)
+    resumed = rl_loop.run_rl(cfg(tmp_path / "stopped"))
+    assert resumed["steps_completed"] == straight["steps_completed"] == 4
+
+    def rounds(run):
+        untimed = ("sample_s", "step_s")
+        return [{k: v for k, v in json.loads(line).items() if k not in untimed}
+                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert rounds("stopped") == rounds("straight")
+    _, want = model_io.load_model(tmp_path / "straight" / "model")
+    _, got = model_io.load_model(tmp_path / "stopped" / "model")
+    jax.tree.map(np.testing.assert_array_equal, got, want)

@@ -12,9 +12,13 @@ Curriculum (prompts with higher reward variance first): the first epoch visits t
 every later epoch visits them sorted by the reward variance measured the last time each was sampled,
 largest first (ties: file order). An epoch is one pass over the prompts, prompts_per_step at a time.
 
-Writes `config.yaml`, `metrics.jsonl` (one record per round, also a console line), `summary.json` and
-`model/` in `run_dir`.
-A run dir with a finished run returns its summary; one with an unfinished run is refused (no resume yet).
+Writes `config.yaml`, `metrics.jsonl` (one record per round, also a console line), `ckpt/<round>/` every
+`checkpoint.every_steps` rounds (the train state and, as JSON, the curriculum's position and variances), then
+`model/` and `summary.json` in `run_dir`. Rerunning the command on a run dir with a finished run returns its
+summary; on an unfinished one it resumes from the newest checkpoint (the rounds after it are redone, and, as
+each round's sampling key is a function of the seed and the round, come out as they would have without the
+stop), or starts over when there is none. SIGTERM/SIGINT stop the run after the current round with a
+checkpoint there, as `qwenjax train` does.
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ from qwenjax.post.rl_verify import check_prompts, make_verifier
 from qwenjax.post.rollout import sample_group
 from qwenjax.run_config import MISSING, RunConfig, model_config, save_config
 from qwenjax.train import sharding
-from qwenjax.train.run_dir import model_dir_of, write_model
+from qwenjax.train.checkpoint import Checkpointer, abstract_with_shardings
+from qwenjax.train.interrupt import interrupted, run_dir_lock, steps, stop_check
+from qwenjax.train.metrics import truncate_metrics
+from qwenjax.train.run_dir import check_same_run, model_dir_of, write_model
 from qwenjax.train.setup import resolve_dtype
 from qwenjax.train.start import initial_state
 from qwenjax.train.step import abstract_state, compiled_train_step, make_hparams, make_step_static
@@ -103,11 +110,16 @@ def run_rl(cfg: RunConfig) -> dict[str, Any]:
         raise UserError(f"rl.prompts {rl.prompts} holds no prompts")
     check_prompts(rl.verifier, prompts)
     run_dir = Path(cfg.run_dir).expanduser()
-    if (run_dir / "summary.json").is_file():
-        return json.loads((run_dir / "summary.json").read_text())
-    if (run_dir / "metrics.jsonl").exists():
-        raise UserError(f"run_dir {run_dir} holds an unfinished rl run; resuming is not supported: remove it or "
-                        "choose another run_dir")
+    is_main = jax.process_index() == 0
+    with run_dir_lock(run_dir, is_main), stop_check() as should_stop:
+        check_same_run(run_dir, cfg)  # another experiment in run_dir: one error line
+        if (run_dir / "summary.json").is_file():
+            return json.loads((run_dir / "summary.json").read_text())
+        return _rounds(cfg, prompts, run_dir, should_stop)
+
+
+def _rounds(cfg: RunConfig, prompts: list, run_dir: Path, should_stop) -> dict[str, Any]:
+    rl, is_main = cfg.rl, jax.process_index() == 0
     tok_path = tokenizer_path(cfg)
     tok = load_tokenizer(tok_path)
     im_end = special_ids(tok)["<|im_end|>"]
@@ -125,67 +137,101 @@ def run_rl(cfg: RunConfig) -> dict[str, Any]:
                         f"({k}) x the data-parallel size ({dp})")
     model_cfg = model_config(cfg, vocab_size=tok.vocab_size)
     verify = make_verifier(rl, tok.vocab_size)
-    state_sh = sharding.state_shardings(abstract_state(model_cfg), mesh, model_cfg)
+    abstract = abstract_state(model_cfg)
+    state_sh = sharding.state_shardings(abstract, mesh, model_cfg)
     state = initial_state(cfg, model_cfg, jax.random.key(cfg.seed), mesh, state_sh)
     ref_params = jax.tree.map(jnp.copy, state["params"])  # frozen: the state's buffers are donated each step
+    ckpt = Checkpointer(run_dir / "ckpt", keep=cfg.checkpoint.keep) if cfg.checkpoint.enabled else None
+    restored = (ckpt.restore(abstract_with_shardings(abstract, state_sh)) if ckpt is not None and ckpt.all_steps()
+                else None)
+    start, meta = 0, {}
+    if restored is not None:
+        start, state, meta = restored
+        log.info("resuming %s from round %d", run_dir, start)
+    elif (run_dir / "metrics.jsonl").exists():
+        log.warning("%s holds an unfinished rl run without a checkpoint: starting it over", run_dir)
     step_fn, compile_s = compiled_train_step(model_cfg, make_step_static(cfg, GRPO), mesh, B, T)
     hp = make_hparams(cfg, GRPO)
     ref_fn = reference_logps(model_cfg, cfg.attention.kernel)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    is_main = jax.process_index() == 0
+    records = truncate_metrics(run_dir / "metrics.jsonl", start) if is_main else []
     if is_main:
         log.info("rl: %d prompts, %d x %d answers per step, step compiled in %.1f s", len(prompts), P, G, compile_s)
-    t_start = time.perf_counter()
-    order, cursor, variance = list(range(len(prompts))), 0, {}
+    t_start, prior_wall = time.perf_counter(), float(meta.get("wall_s", 0.0))
+    order, cursor = meta.get("order", list(range(len(prompts)))), int(meta.get("cursor", 0))
+    variance = {int(i): float(v) for i, v in meta.get("variance", [])}
     base_key = jax.random.key(cfg.seed + 1)
-    records: list[dict[str, Any]] = []
-    status = "complete"
-    for step in range(1, cfg.train.steps + 1):
-        t0 = time.perf_counter()
-        chosen = []
-        while len(chosen) < P:
-            if cursor == len(order):
-                order, cursor = curriculum_order(len(prompts), variance), 0
-            chosen.append(order[cursor])
-            cursor += 1
-        rows, rewards_PG, correct, lengths = [], [], [], []
-        for j, i in enumerate(chosen):
-            samples = sample_group(model_cfg, state["params"], ids[i], G, max_new_tokens=rl.max_new_tokens,
-                                   temperature=rl.temperature, top_p=rl.top_p, eos_id=im_end,
-                                   rng=jax.random.fold_in(jax.random.fold_in(base_key, step), j))
-            texts = [tok.decode([t for t in a if t != im_end and t < tok.vocab_size]) for a, _ in samples]
-            r, ok = verify(prompts[i][1], texts, [(ids[i], a) for a, _ in samples])
-            variance[i] = float(np.var(r))
-            rewards_PG.append(r)
-            correct += [o for o in ok if o is not None]
-            lengths += [len(a) for a, _ in samples]
-            rows += [(ids[i], a, lp) for a, lp in samples]
-        sample_s = time.perf_counter() - t0
-        adv_B = group_advantages(rewards_PG).reshape(-1)
-        batch = rollout_batch([(*row, float(a)) for row, a in zip(rows, adv_B, strict=True)], T)
-        batch["ref_logp"] = np.asarray(ref_fn(ref_params, jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"])))
-        batch = sharding.global_batch({k: batch[k] for k in GRPO.batch_keys}, mesh, B)
-        state, metrics = step_fn(state, batch, hp)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        r_all = np.asarray(rewards_PG, np.float64)
-        record = {"step": step, **metrics, "reward_mean": float(r_all.mean()), "reward_std": float(r_all.std()),
-                  "accuracy": float(np.mean(correct)) if correct else None,
-                  "response_len": float(np.mean(lengths)),
-                  "zero_std_groups": float(np.mean(r_all.std(axis=1) == 0)),
-                  "sample_s": sample_s, "step_s": time.perf_counter() - t0}
-        records.append(record)
-        if is_main:
-            append(run_dir / "metrics.jsonl", record)
-            log.info("%s", format_record(record))
-        if not math.isfinite(metrics["loss"]):
-            status = "diverged"
-            break
+    status, step, saved_at = "complete", start, start if restored is not None else None
+
+    def save() -> None:
+        nonlocal saved_at
+        ckpt.save(step, state, {"step": step, "order": order, "cursor": cursor, "variance": sorted(variance.items()),
+                                "wall_s": prior_wall + time.perf_counter() - t_start})
+        saved_at = step
+
+    try:
+        with steps():  # a signal waits for the end of the round
+            while step < cfg.train.steps:
+                step += 1
+                t0 = time.perf_counter()
+                chosen = []
+                while len(chosen) < P:
+                    if cursor == len(order):
+                        order, cursor = curriculum_order(len(prompts), variance), 0
+                    chosen.append(order[cursor])
+                    cursor += 1
+                rows, rewards_PG, correct, lengths = [], [], [], []
+                for j, i in enumerate(chosen):
+                    samples = sample_group(model_cfg, state["params"], ids[i], G, max_new_tokens=rl.max_new_tokens,
+                                           temperature=rl.temperature, top_p=rl.top_p, eos_id=im_end,
+                                           rng=jax.random.fold_in(jax.random.fold_in(base_key, step), j))
+                    texts = [tok.decode([t for t in a if t != im_end and t < tok.vocab_size]) for a, _ in samples]
+                    r, ok = verify(prompts[i][1], texts, [(ids[i], a) for a, _ in samples])
+                    variance[i] = float(np.var(r))
+                    rewards_PG.append(r)
+                    correct += [o for o in ok if o is not None]
+                    lengths += [len(a) for a, _ in samples]
+                    rows += [(ids[i], a, lp) for a, lp in samples]
+                sample_s = time.perf_counter() - t0
+                adv_B = group_advantages(rewards_PG).reshape(-1)
+                batch = rollout_batch([(*row, float(a)) for row, a in zip(rows, adv_B, strict=True)], T)
+                batch["ref_logp"] = np.asarray(ref_fn(ref_params, jnp.asarray(batch["inputs"]),
+                                                      jnp.asarray(batch["targets"])))
+                batch = sharding.global_batch({k: batch[k] for k in GRPO.batch_keys}, mesh, B)
+                state, metrics = step_fn(state, batch, hp)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                r_all = np.asarray(rewards_PG, np.float64)
+                record = {"step": step, **metrics, "reward_mean": float(r_all.mean()),
+                          "reward_std": float(r_all.std()), "accuracy": float(np.mean(correct)) if correct else None,
+                          "response_len": float(np.mean(lengths)),
+                          "zero_std_groups": float(np.mean(r_all.std(axis=1) == 0)),
+                          "sample_s": sample_s, "step_s": time.perf_counter() - t0}
+                records.append(record)
+                if is_main:
+                    append(run_dir / "metrics.jsonl", record)
+                    log.info("%s", format_record(record))
+                if not math.isfinite(metrics["loss"]):
+                    status = "diverged"
+                    break
+                every = cfg.checkpoint.every_steps
+                if ckpt is not None and every and step % every == 0 and step < cfg.train.steps:
+                    save()
+                signum = should_stop(step)
+                if signum is not None and step < cfg.train.steps:
+                    if ckpt is not None and saved_at != step:
+                        save()
+                    if ckpt is not None:
+                        ckpt.wait()
+                    raise interrupted(signum, step, run_dir / "ckpt" / str(step) if saved_at == step else None)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
     write_model(model_dir_of(run_dir), model_cfg, state["params"], tok_path)
     summary = {"status": status, "steps_completed": len(records), "prompts": len(prompts),
                "group_size": G, "final_reward_mean": records[-1]["reward_mean"] if records else None,
                "final_accuracy": records[-1]["accuracy"] if records else None,
-               "wall_s": time.perf_counter() - t_start}
+               "wall_s": prior_wall + time.perf_counter() - t_start}
     if is_main:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

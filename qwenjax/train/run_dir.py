@@ -55,7 +55,7 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _check_same_run(run_dir: Path, cfg: RunConfig) -> bool:
+def check_same_run(run_dir: Path, cfg: RunConfig) -> bool:
     """Compare with `<run_dir>/config.yaml`; UserError if it is another experiment. True if identical."""
     saved_file = run_dir / "config.yaml"
     if not saved_file.is_file():
@@ -75,7 +75,7 @@ def _check_same_run(run_dir: Path, cfg: RunConfig) -> bool:
 
 def finished_summary(run_dir: Path, cfg: RunConfig) -> dict | None:
     """The summary of an identical run that already finished (rerunning it is a no-op)."""
-    same = _check_same_run(run_dir, cfg)
+    same = check_same_run(run_dir, cfg)
     f = run_dir / "summary.json"
     if same and f.is_file():
         try:
