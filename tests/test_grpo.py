@@ -190,19 +190,20 @@ def test_rl_resumes_after_a_crash_as_if_never_stopped(tiny_tokenizer_path, tmp_p
     from conftest import CONFIGS
 
     from qwenjax import model_io
+    from qwenjax.errors import UserError
     from qwenjax.post import rl_loop
     from qwenjax.run_config import load_config
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"{a}+1?", "answer": a + 1}) + "\n" for a in range(3)))
 
-    def cfg(run):
-        return load_config(CONFIGS / "rl-tiny.yaml", [
+    def cfg(run, *more):
+        return load_config(CONFIGS / "rl-tiny.yaml", [*more,
             "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
             "model.num_attention_heads=2", "model.num_key_value_heads=1", "model.max_position_embeddings=256",
-            "model.dtype=float32", f"data.tokenizer={tiny_tokenizer_path}", f"rl.prompts={prompts}",
+            "model.dtype=auto", f"data.tokenizer={tiny_tokenizer_path}", f"rl.prompts={prompts}",
             "rl.group_size=4", "rl.prompts_per_step=2", "rl.max_new_tokens=6", "train.seq_len=128",
-            "train.steps=4", "checkpoint.every_steps=2", f"run_dir={run}"])
+            "train.steps=4", "checkpoint.every_steps=2", f"run_dir={run}"])  # dtype resolved as saved
 
     straight = rl_loop.run_rl(cfg(tmp_path / "straight"))
     real, calls = rl_loop.sample_group, []
@@ -228,6 +229,9 @@ def test_rl_resumes_after_a_crash_as_if_never_stopped(tiny_tokenizer_path, tmp_p
                 for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
     assert rounds("stopped") == rounds("straight")
+    assert rl_loop.run_rl(cfg(tmp_path / "stopped")) == resumed  # finished: a rerun returns its summary
+    with pytest.raises(UserError, match="finished rl run with other settings"):
+        rl_loop.run_rl(cfg(tmp_path / "stopped", "rl.temperature=0.5"))
     _, want = model_io.load_model(tmp_path / "straight" / "model")
     _, got = model_io.load_model(tmp_path / "stopped" / "model")
     jax.tree.map(np.testing.assert_array_equal, got, want)

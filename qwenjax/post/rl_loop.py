@@ -109,11 +109,15 @@ def run_rl(cfg: RunConfig) -> dict[str, Any]:
     if not prompts:
         raise UserError(f"rl.prompts {rl.prompts} holds no prompts")
     check_prompts(rl.verifier, prompts)
+    cfg = resolve_dtype(cfg)  # model.dtype auto -> this platform's, as the saved config has it
     run_dir = Path(cfg.run_dir).expanduser()
     is_main = jax.process_index() == 0
     with run_dir_lock(run_dir, is_main), stop_check() as should_stop:
-        check_same_run(run_dir, cfg)  # another experiment in run_dir: one error line
+        same = check_same_run(run_dir, cfg)  # another experiment in run_dir: one error line
         if (run_dir / "summary.json").is_file():
+            if not same:
+                raise UserError(f"{run_dir} holds a finished rl run with other settings; use another run_dir "
+                                "(or delete that one)")
             return json.loads((run_dir / "summary.json").read_text())
         return _rounds(cfg, prompts, run_dir, should_stop)
 
@@ -129,7 +133,6 @@ def _rounds(cfg: RunConfig, prompts: list, run_dir: Path, should_stop) -> dict[s
     if longest + rl.max_new_tokens > T + 1:
         raise UserError(f"the longest prompt ({longest} tokens) + rl.max_new_tokens ({rl.max_new_tokens}) must "
                         f"fit in train.seq_len + 1 = {T + 1}")
-    cfg = resolve_dtype(cfg)
     mesh = sharding.mesh_from_config(cfg.mesh)
     B, k, dp = P * G, cfg.train.grad_accum, sharding.data_parallel_size(mesh)
     if B % (k * dp):
