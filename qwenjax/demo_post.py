@@ -1,12 +1,15 @@
 """The post-training study on one machine: pre-train -> SFT -> pairs + DPO -> GRPO (two seeds) -> report.
 
-`run_post_demo(out)` builds a synthetic arithmetic task ("12+35=" -> "47"), pre-trains a tiny model on it as
-plain text (short enough to learn the format, not reliably the answers), fine-tunes it on a ChatML version
-(`train.objective sft`), samples K answers per prompt from the SFT model and pairs a right one with a wrong one
-by answer matching (`qwenjax.post.pairs`), trains DPO on those pairs, then runs GRPO (`qwenjax.post.rl_loop`, 8
-answers per prompt, the exact-answer verifier) from the DPO model with two seeds. After each stage the model is
-scored on one fixed set of held-out problems (greedy decoding, exact final number), and `out/report.md` shows
-the accuracies, GRPO's reward curves and a plain verdict: does GRPO's gain exceed its seed-to-seed spread?
+`run_post_demo(out)` builds a synthetic arithmetic task ("12+35=" -> "47") and splits its problems three ways:
+held out (never trained on), GRPO's own (`rl_pool`: prompts the earlier stages never saw, so GRPO is rewarded
+for answering new problems, not for recalling memorised ones) and the rest, for pre-training, SFT and pairs. It
+pre-trains a tiny model on plain text, fine-tunes it briefly on a ChatML version (`train.objective sft`; short,
+so its answers are often a little off and GRPO has room), samples K answers per prompt from the SFT model and
+pairs a right one with a wrong one by answer matching (`qwenjax.post.pairs`), trains DPO on those pairs, then
+runs GRPO (`qwenjax.post.rl_loop`, 8 answers per prompt, the exact-answer verifier) from the DPO model with two
+seeds. After each stage the model is scored on one fixed set of held-out problems (greedy decoding, exact final
+number), and `out/report.md` shows the accuracies, GRPO's reward curves and a plain verdict: does GRPO's gain
+exceed its seed-to-seed spread?
 
 Every stage writes its result to disk before the next starts (data files, run directories with summary.json,
 `<stage>/heldout.json`, pairs.jsonl), so a rerun reuses what is done.
@@ -44,7 +47,7 @@ SYSTEM = "Add."  # a short system turn: the default Qwen one would triple every 
 
 @dataclasses.dataclass(frozen=True)
 class PostPlan:
-    """Sizes of the study. `full`: 5.5 minutes on 2 loaded CPU cores (docs/post-training.md); `mini`: the test."""
+    """Sizes of the study. `full`: the measured plan of docs/post-training.md; `mini`: the test."""
 
     max_operand: int  # a, b drawn from [0, max_operand)
     heldout: int  # fixed held-out problems, never trained on
@@ -71,17 +74,18 @@ class PostPlan:
     batch_size: int = 16
     group_size: int = 8
     seeds: tuple[int, ...] = (0, 1)
+    rl_pool: int = 0  # problems kept for GRPO's prompts only (never pre-trained, SFT'd or paired); 0: none
 
 
 PLANS = {
-    "full": PostPlan(max_operand=40, heldout=160, hidden=128, layers=2, heads=4, vocab_size=340, pre_docs=20000,
-                     pre_steps=1000, pre_batch=32, pre_lr=3e-3, sft_convs=4000, sft_steps=100, sft_lr=1e-3,
-                     pair_prompts=128, pair_k=8, dpo_steps=30, dpo_lr=1e-5, rl_prompts=512, rl_steps=200,
-                     rl_prompts_per_step=8, rl_lr=1e-4, rl_temperature=0.6),
+    "full": PostPlan(max_operand=40, heldout=400, hidden=128, layers=2, heads=4, vocab_size=340, pre_docs=20000,
+                     pre_steps=1000, pre_batch=32, pre_lr=3e-3, sft_convs=4000, sft_steps=50, sft_lr=1e-3,
+                     pair_prompts=128, pair_k=8, dpo_steps=30, dpo_lr=1e-5, rl_prompts=512, rl_steps=300,
+                     rl_prompts_per_step=8, rl_lr=1e-4, rl_temperature=1.0, rl_pool=400),
     "mini": PostPlan(max_operand=5, heldout=5, hidden=32, layers=1, heads=2, vocab_size=340, pre_docs=400,
                      pre_steps=20, pre_batch=8, pre_lr=3e-3, sft_convs=100, sft_steps=20, sft_lr=3e-3,
                      pair_prompts=24, pair_k=4, dpo_steps=2, dpo_lr=1e-4, rl_prompts=16, rl_steps=2,
-                     rl_prompts_per_step=2, rl_lr=1e-4, batch_size=8, group_size=4),
+                     rl_prompts_per_step=2, rl_lr=1e-4, batch_size=8, group_size=4, rl_pool=5),
 }
 SEQ_LEN = 48  # a ChatML prompt of this task is about 30 tokens, its answer at most 4 with <|im_end|>
 MAX_NEW = 6
@@ -91,11 +95,12 @@ def _say(stage: int, text: str) -> None:
     print(f"[{stage}/7] {text}", file=sys.stderr, flush=True)
 
 
-def problems(plan: PostPlan) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(training problems, held-out problems): every (a, b) pair, the held-out ones a fixed seeded sample."""
+def problems(plan: PostPlan) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[tuple[int, int]]]:
+    """(training problems, GRPO's own problems, held-out problems): a fixed seeded split of every (a, b) pair."""
     allp = [(a, b) for a in range(plan.max_operand) for b in range(plan.max_operand)]
     random.Random(1234).shuffle(allp)
-    return allp[plan.heldout:], allp[:plan.heldout]
+    cut = plan.heldout + plan.rl_pool
+    return allp[cut:], allp[plan.heldout:cut], allp[:plan.heldout]
 
 
 def _messages(a: int, b: int) -> list[dict[str, str]]:
@@ -120,9 +125,9 @@ def _write_jsonl(path: Path, records) -> Path:
 
 def _write_data(out: Path, plan: PostPlan) -> dict[str, Path]:
     """The task's files, written once: pre-training text, SFT chats, prompts for pairs / GRPO, held-out prompts."""
-    train_p, held = problems(plan)
+    train_p, rl_p, held = problems(plan)
     rng = random.Random(0)
-    draw = lambda n: [train_p[rng.randrange(len(train_p))] for _ in range(n)]  # noqa: E731
+    draw = lambda n, pool=train_p: [pool[rng.randrange(len(pool))] for _ in range(n)]  # noqa: E731
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     prompt = lambda a, b: {"prompt": _messages(a, b), "answer": a + b}  # noqa: E731
@@ -132,7 +137,8 @@ def _write_data(out: Path, plan: PostPlan) -> dict[str, Path]:
         "sft": _write_jsonl(data / "sft.jsonl", ({"messages": _messages(a, b) + [
             {"role": "assistant", "content": str(a + b)}]} for a, b in draw(plan.sft_convs))),
         "pair_prompts": _write_jsonl(data / "pair_prompts.jsonl", (prompt(a, b) for a, b in draw(plan.pair_prompts))),
-        "rl_prompts": _write_jsonl(data / "rl_prompts.jsonl", (prompt(a, b) for a, b in draw(plan.rl_prompts))),
+        "rl_prompts": _write_jsonl(data / "rl_prompts.jsonl", (prompt(a, b) for a, b in
+                                                              draw(plan.rl_prompts, rl_p or train_p))),
         "heldout": _write_jsonl(data / "heldout.jsonl", (prompt(a, b) for a, b in held)),
     }
 
@@ -217,7 +223,7 @@ def run_post_demo(out: str | Path = "runs/post-demo", *, plan: str | PostPlan = 
     files = _write_data(out, plan)
     held = list(read_prompts(files["heldout"]))
     base = _base(out, plan)
-    _say(1, f"task: a+b with a, b < {plan.max_operand}; {plan.heldout} held-out problems; "
+    _say(1, f"task: a+b with a, b < {plan.max_operand}; {plan.heldout} held-out problems, {plan.rl_pool} for GRPO; "
             f"{plan.pre_docs} pre-training documents, {plan.sft_convs} SFT conversations")
 
     t0 = time.perf_counter()

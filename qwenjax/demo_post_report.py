@@ -67,7 +67,9 @@ def write_report(out: Path, *, plan: dict, accuracy: dict[str, dict], grpo: dict
              f"DPO ({plan['dpo_steps']} steps on pairs from {plan['pair_k']} samples per prompt) and GRPO "
              f"({plan['rl_steps']} rounds of {plan['rl_prompts_per_step']} prompts x {plan['group_size']} answers "
              f"sampled at temperature {plan['rl_temperature']}, exact-answer reward, lr {plan['rl_lr']:g}) "
-             f"with seeds {', '.join(map(str, plan['seeds']))}.", "",
+             f"with seeds {', '.join(map(str, plan['seeds']))}. GRPO's {plan['rl_prompts']} prompts are drawn from "
+             + (f"{plan['rl_pool']} problems kept for it (never pre-trained on, SFT'd or paired)." if plan['rl_pool']
+                else "the training problems."), "",
              "## Held-out exact-match accuracy", "",
              f"{plan['heldout']} fixed held-out problems (never in any training file), greedy decoding, correct "
              "when the answer's final number is the sum.", "",

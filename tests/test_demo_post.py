@@ -10,10 +10,12 @@ from qwenjax.demo_post import PLANS, problems
 from qwenjax.demo_post_report import grpo_verdict
 
 
-def test_heldout_problems_are_never_trained_on():
-    train, held = problems(PLANS["full"])
-    assert len(held) == PLANS["full"].heldout and not set(train) & set(held)
-    assert len(train) + len(held) == PLANS["full"].max_operand ** 2
+@pytest.mark.parametrize("plan", ["full", "mini"])
+def test_heldout_and_grpo_problems_are_never_trained_on(plan):
+    train, rl, held = problems(PLANS[plan])
+    assert len(held) == PLANS[plan].heldout and len(rl) == PLANS[plan].rl_pool
+    assert not set(train) & set(held) and not set(train) & set(rl) and not set(rl) & set(held)
+    assert len(train) + len(rl) + len(held) == PLANS[plan].max_operand ** 2
 
 
 def test_verdict_needs_a_gain_larger_than_the_spread():
@@ -42,6 +44,9 @@ def test_mini_study_end_to_end_and_rerun(tmp_path, capsys):
     for stage in ("pretrain", "sft", "dpo", "grpo-seed0", "grpo-seed1"):
         assert json.loads((out / stage / "heldout.json").read_text())["n"] == PLANS["mini"].heldout
     assert json.loads((out / "pairs-counts.json").read_text())["pairs"] > 0
+    asked = {tuple(int(x) for x in json.loads(line)["prompt"][-1]["content"].rstrip("=").split("+"))
+             for line in (out / "data" / "rl_prompts.jsonl").read_text().splitlines()}
+    assert asked and asked <= set(problems(PLANS["mini"])[1])  # GRPO asks only its own problems
     done = [*out.glob("*/heldout.json"), *out.glob("*/summary.json"), *out.glob("*/metrics.jsonl"),
             out / "pairs.jsonl"]
     stamps = {p: p.stat().st_mtime_ns for p in done}
