@@ -29,7 +29,7 @@ import jax
 import yaml
 
 from qwenjax import model_io
-from qwenjax.data.chat import encode_chat, special_ids
+from qwenjax.data.chat import encode_chat, heldout_hash, special_ids
 from qwenjax.data.tokenizer import load_tokenizer
 from qwenjax.demo_post_report import write_report
 from qwenjax.generate import generate
@@ -213,6 +213,16 @@ def _pairs(out: Path, sft_dir: Path, prompts_file: Path, plan: PostPlan) -> dict
     return counts
 
 
+def dpo_heldout_fraction(pairs_file: Path, share: float = 0.25) -> float:
+    """`data.heldout_fraction` for the DPO stage: `share`, raised just enough to hold out at least one pair
+    when none of the file's lines hashes below it (few pairs, as in the mini plan), so its eval_loss exists."""
+    hashes = sorted(heldout_hash(line) for line in pairs_file.read_text(encoding="utf-8").splitlines(True)
+                    if line.strip())
+    if len(hashes) < 2 or hashes[0] < share:
+        return share
+    return float(min(hashes[0] + 1e-9, (hashes[0] + hashes[1]) / 2))
+
+
 def run_post_demo(out: str | Path = "runs/post-demo", *, plan: str | PostPlan = "full") -> dict[str, Any]:
     """Run (or resume) the study into `out`; returns what the report shows."""
     plan = PLANS[plan] if isinstance(plan, str) else plan
@@ -260,7 +270,7 @@ def run_post_demo(out: str | Path = "runs/post-demo", *, plan: str | PostPlan = 
         train(_cfg(out, "dpo", {**base, "train.objective": "dpo", "data.path": str(out / "pairs.jsonl"),
                                 "data.tokenizer": tok, "model.init_from": str(sft), "train.steps": plan.dpo_steps,
                                 "optim.lr": plan.dpo_lr, "optim.schedule": "constant", "dpo.beta": 0.1,
-                                "data.heldout_fraction": 0.25}))  # held-out pairs for its eval_loss
+                                "data.heldout_fraction": dpo_heldout_fraction(out / "pairs.jsonl")}))
         acc["DPO"] = _evaluated(dpo, held)
     start = dpo if counts["pairs"] else sft
     stage_s["dpo"] = time.perf_counter() - t0

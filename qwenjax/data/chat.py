@@ -14,6 +14,7 @@ content's leading whitespace starts in the header, so it is context too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -180,6 +181,12 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict[str, str]], add_ge
     for lo, hi in spans:
         mask_T |= ((starts_T >= lo) & (starts_T < hi)).astype(np.uint8)
     return np.asarray(ids, dtype=np.int32), mask_T
+
+
+def heldout_hash(line: str) -> float:
+    """Where a JSONL record falls in [0, 1): it is held out when this is below `data.heldout_fraction` (chat
+    conversations and DPO pairs alike), so the split depends on the line alone, not on its place in the file."""
+    return int.from_bytes(hashlib.sha256(line.encode("utf-8")).digest()[:8], "little") / 2.0**64
 
 
 def jsonl_lines(files: Sequence[str | os.PathLike], kind: str) -> Iterator[tuple[str, str]]:

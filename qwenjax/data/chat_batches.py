@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from qwenjax.data.batches import BATCH_DTYPES, Batch
-from qwenjax.data.chat import encode_chat, read_conversations, special_ids
+from qwenjax.data.chat import encode_chat, heldout_hash, read_conversations, special_ids
 from qwenjax.data.step_iterator import StepIterator
 from qwenjax.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from qwenjax.errors import UserError
@@ -43,9 +43,6 @@ def chat_cache_key(files: Sequence[Path], tokenizer_path: str | os.PathLike, hel
                "heldout_fraction": float(heldout_fraction)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
-
-def _line_hash(line: str) -> float:
-    return int.from_bytes(hashlib.sha256(line.encode("utf-8")).digest()[:8], "little") / 2.0**64
 
 
 class ChatCache:
@@ -226,7 +223,7 @@ def build_chat_cache(files: Sequence[Path], tokenizer_path: str | os.PathLike, c
         for where, line, messages in read_conversations(files):
             f, lineno = where.rsplit(":", 1)
             ids, mask = encode_chat(tok, messages)
-            convs.append((_line_hash(line), index[f], int(lineno), ids, mask))
+            convs.append((heldout_hash(line), index[f], int(lineno), ids, mask))
         if not convs:
             raise UserError(f"the chat files ({len(files)}) hold no conversations")
         held = [c[0] < heldout_fraction for c in convs]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwenjax.data.chat import jsonl_lines, parse_record, prompt_messages, render, special_ids
+from qwenjax.data.chat import heldout_hash, jsonl_lines, parse_record, prompt_messages, render, special_ids
 from qwenjax.data.step_iterator import StepIterator
 from qwenjax.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from qwenjax.errors import UserError
@@ -61,9 +61,6 @@ def encode_completion(tokenizer, messages: list[dict[str, str]], answer: str) ->
     starts_T = np.asarray(starts, dtype=np.int64)
     return np.asarray(ids, dtype=np.int32), ((starts_T >= lo) & (starts_T < hi)).astype(np.uint8)
 
-
-def _line_hash(line: str) -> float:
-    return int.from_bytes(hashlib.sha256(line.encode("utf-8")).digest()[:8], "little") / 2.0**64
 
 
 class PairCache:
@@ -214,7 +211,7 @@ def build_pair_cache(files: Sequence[Path], tokenizer_path: str | os.PathLike, c
                                                                    for k in ("ids", "mask")}}
                                               for s in ("train", "heldout")}
         for where, line, messages, chosen, rejected in read_pairs(files):
-            d = splits["heldout" if _line_hash(line) < heldout_fraction else "train"]
+            d = splits["heldout" if heldout_hash(line) < heldout_fraction else "train"]
             d["where"].append(where)
             for side, answer in zip(SIDES, (chosen, rejected), strict=True):
                 ids, mask = encode_completion(tok, messages, answer)
