@@ -38,7 +38,7 @@ from qwenjax.jsonl import atomic_write_text
 from qwenjax.run_config import load_config
 from qwenjax.train import train
 
-__all__ = ["METHODS", "PLANS", "LongPlan", "make_document", "method_overrides", "run_long_demo"]
+__all__ = ["METHODS", "PLANS", "LongPlan", "make_document", "make_drill", "method_overrides", "run_long_demo"]
 
 #: the four ways to read past the trained length, in report order
 METHODS = ("base", "abf", "yarn", "dca")
@@ -77,17 +77,21 @@ class LongPlan:
     multiples: tuple[int, ...] = (1, 2, 4)  # passkey lengths, in units of seq_len
     fixed_filler: float = 0.5  # share of training documents whose filler is the eval's, in its order
     short_docs: float = 0.0  # share of training documents drawn up to seq_len / 2 tokens (more keys per token)
+    # share of training documents that are copy drills (`make_drill`: a short random span of words and numbers
+    # four times over). A passkey document has 5 copy targets in ~150 tokens, too few for the copying circuit
+    # (induction heads) to form in this budget: without drills the base never retrieved (docs/long-context.md)
+    drill: float = 0.0
 
 
 PLANS = {
-    "full": LongPlan(seq_len=256, factor=4, hidden_size=128, intermediate_size=384, layers=4, heads=4, kv_heads=2,
-                     vocab_size=512, steps=600, batch_size=16, lr=3e-3, abf_steps=40, abf_batch_size=4,
+    "full": LongPlan(seq_len=256, factor=4, hidden_size=128, intermediate_size=384, layers=2, heads=4, kv_heads=2,
+                     vocab_size=512, steps=1200, batch_size=16, lr=3e-3, abf_steps=40, abf_batch_size=4,
                      abf_lr=1e-3, abf_theta=1e6, dca_local_size=32, depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials=8,
-                     ppl_sequences=8, eval_batch=8),
+                     ppl_sequences=8, eval_batch=8, drill=0.5),
     "mini": LongPlan(seq_len=128, factor=4, hidden_size=32, intermediate_size=64, layers=2, heads=2, kv_heads=1,
                      vocab_size=512, steps=6, batch_size=4, lr=3e-3, abf_steps=2, abf_batch_size=2, abf_lr=1e-3,
                      abf_theta=1e6, dca_local_size=16, depths=(0.0, 1.0), trials=2, ppl_sequences=2,
-                     eval_batch=4, multiples=(1, 4)),
+                     eval_batch=4, multiples=(1, 4), drill=0.5),
 }
 BASE_THETA = 10000.0
 TRAIN_SEED, EVAL_SEED = 0, 1234
@@ -117,14 +121,35 @@ def make_document(rng: np.random.Generator, filler_tokens: int, sentence_tokens:
             + QUESTION + f" {key}.")
 
 
+DRILL_WORD_SHARE = 0.8  # a drill item is a word this often, else a 5-digit number like the keys
+DRILL_ITEMS = (4, 13)  # items per span: [low, high)
+DRILL_REPEATS = 4  # 2 repeats with filler between formed no copying in 12M tokens; 4 back to back, in 1M
+#: the words of the filler sentences: a drill's span draws from them and from numbers like the keys
+DRILL_WORDS = tuple(sorted({" " + w.strip(".?") for s in (HEAD, QUESTION, *EVAL_SENTENCES, *EXTRA_SENTENCES)
+                            for w in s.split()}))
+
+
+def make_drill(rng: np.random.Generator) -> str:
+    """One copy drill: a span of 4 to 12 random items (a filler word or a 5-digit number) `DRILL_REPEATS`
+    times: every token after the first span is a copy target, found by matching the tokens before it, as
+    the key's digits are when the question asks for them."""
+    items = [DRILL_WORDS[rng.integers(len(DRILL_WORDS))] if rng.random() < DRILL_WORD_SHARE else
+             f" {int(rng.integers(10_000, 100_000))}" for _ in range(int(rng.integers(*DRILL_ITEMS)))]
+    return "".join(items) * DRILL_REPEATS + "."
+
+
 def _write_corpus(path: Path, rng: np.random.Generator, n_docs: int, max_tokens: int, fixed_tokens: int,
                   sentence_tokens: float, plan: LongPlan) -> Path:
-    """`n_docs` documents of uniformly drawn lengths up to `max_tokens`, a share `plan.short_docs` of them up to
-    half that (JSONL, one `text` per line)."""
+    """`n_docs` documents: a share `plan.drill` of copy drills, the others passkey documents of uniformly drawn
+    lengths up to `max_tokens`, a share `plan.short_docs` of them up to half that (JSONL, one `text` per line)."""
     if not path.is_file():
         top = lambda: int(0.95 * max_tokens) // (2 if rng.random() < plan.short_docs else 1)
-        lines = [json.dumps({"text": make_document(rng, int(rng.integers(0, max(1, top() - fixed_tokens))),
-                                                   sentence_tokens, plan.fixed_filler)}) for _ in range(n_docs)]
+        def doc() -> str:
+            if plan.drill > 0 and rng.random() < plan.drill:  # no draw without drills: the same corpus as before
+                return make_drill(rng)
+            return make_document(rng, int(rng.integers(0, max(1, top() - fixed_tokens))), sentence_tokens,
+                                 plan.fixed_filler)
+        lines = [json.dumps({"text": doc()}) for _ in range(n_docs)]
         atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
@@ -230,7 +255,7 @@ def run_long_demo(out: str | Path = "runs/long-demo", *, plan: str | LongPlan = 
     if fixed + 8 > plan.seq_len:
         raise UserError(f"plan seq_len {plan.seq_len} is too short for a passkey document ({fixed} tokens)")
     rng = np.random.default_rng(TRAIN_SEED)
-    mean_short = (fixed + plan.seq_len) / 2
+    mean_short = (fixed + plan.seq_len) / 2  # of a passkey document: drills, shorter, make the corpus repeat
     n_short = int(1.3 * plan.steps * plan.batch_size * plan.seq_len / mean_short) + 40
     short = _write_corpus(out / "corpus-short.jsonl", rng, n_short, plan.seq_len, fixed, sentence, plan)
     n_long = int(1.3 * plan.abf_steps * plan.abf_batch_size * long_len / ((fixed + long_len) / 2)) + 40

@@ -111,7 +111,9 @@ def write_long_report(out: Path, *, plan, plan_name: str, results: dict[str, dic
         "# Long-context study", "",
         f"Plan `{plan_name}`: a {plan.layers}-layer, {plan.hidden_size}-wide model ({plan.heads} heads, "
         f"{plan.kv_heads} kv heads) trained {plan.steps} steps x {plan.batch_size} sequences of {seq_len} tokens "
-        f"(rope_theta 1e4) on synthetic passkey documents (held-out loss {base.get('eval_loss'):.3f}), then judged "
+        f"(rope_theta 1e4) on synthetic passkey documents"
+        + (f" and copy drills ({plan.drill:.0%} of the documents)" if plan.drill else "")
+        + f" (held-out loss {base.get('eval_loss'):.3f}), then judged "
         f"at {', '.join(map(str, lengths))} tokens. Wall time {wall_s:.0f} s (this invocation; a rerun reuses "
         "finished stages).", "",
         "Methods: **base** the model unchanged; **ABF** a second stage through `stages:` "

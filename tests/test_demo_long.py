@@ -8,7 +8,7 @@ import pytest
 
 from qwenjax import cli
 from qwenjax.config import ModelConfig
-from qwenjax.demo_long import METHODS, PLANS, make_document, method_overrides
+from qwenjax.demo_long import DRILL_REPEATS, METHODS, PLANS, make_document, make_drill, method_overrides
 from qwenjax.demo_long_report import LABELS
 from qwenjax.evals.checkpoint import apply_overrides
 from qwenjax.evals.passkey import HEAD, QUESTION, answer_of
@@ -22,6 +22,15 @@ def test_documents_hold_the_key_and_its_answer():
         before, answer = doc.rsplit(QUESTION, 1)
         key = answer_of(answer)
         assert key is not None and len(key) == 5 and f" The pass key is {key}. Remember it." in before
+
+
+def test_drills_repeat_a_span_of_words_and_numbers():
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        doc = make_drill(rng)
+        span = doc[:-1][: len(doc[:-1]) // DRILL_REPEATS]
+        assert doc == span * DRILL_REPEATS + "." and span.startswith(" ") and "pass key" not in doc
+    assert any(c.isdigit() for c in doc)
 
 
 def test_method_overrides_apply_to_an_eval():
