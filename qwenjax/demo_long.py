@@ -123,7 +123,7 @@ def make_document(rng: np.random.Generator, filler_tokens: int, sentence_tokens:
 
 DRILL_WORD_SHARE = 0.8  # a drill item is a word this often, else a 5-digit number like the keys
 DRILL_ITEMS = (4, 13)  # items per span: [low, high)
-DRILL_REPEATS = 4  # 2 repeats with filler between formed no copying in 12M tokens; 4 back to back, in 1M
+DRILL_REPEATS = 4  # 2 repeats with filler between: no copying in 12M tokens; 4 back to back: in under 1M
 #: the words of the filler sentences: a drill's span draws from them and from numbers like the keys
 DRILL_WORDS = tuple(sorted({" " + w.strip(".?") for s in (HEAD, QUESTION, *EVAL_SENTENCES, *EXTRA_SENTENCES)
                             for w in s.split()}))
