@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import sys
 import time
@@ -220,7 +221,7 @@ def dpo_heldout_fraction(pairs_file: Path, share: float = 0.25) -> float:
                     if line.strip())
     if len(hashes) < 2 or hashes[0] < share:
         return share
-    return float(min(hashes[0] + 1e-9, (hashes[0] + hashes[1]) / 2))
+    return math.nextafter(hashes[0], 1.0)  # holds out the lowest-hashing line(s) only
 
 
 def run_post_demo(out: str | Path = "runs/post-demo", *, plan: str | PostPlan = "full") -> dict[str, Any]:
