@@ -31,6 +31,7 @@ import yaml
 
 from qwenjax import model_io
 from qwenjax.data.chat import encode_chat, heldout_hash, special_ids
+from qwenjax.data.pair_batches import read_pairs
 from qwenjax.data.tokenizer import load_tokenizer
 from qwenjax.demo_post_report import write_report
 from qwenjax.generate import generate
@@ -217,8 +218,7 @@ def _pairs(out: Path, sft_dir: Path, prompts_file: Path, plan: PostPlan) -> dict
 def dpo_heldout_fraction(pairs_file: Path, share: float = 0.25) -> float:
     """`data.heldout_fraction` for the DPO stage: `share`, raised just enough to hold out at least one pair
     when none of the file's lines hashes below it (few pairs, as in the mini plan), so its eval_loss exists."""
-    hashes = sorted(heldout_hash(line) for line in pairs_file.read_text(encoding="utf-8").splitlines(True)
-                    if line.strip())
+    hashes = sorted(heldout_hash(line) for _, line, *_ in read_pairs([pairs_file]))  # the cache's own lines
     if len(hashes) < 2 or hashes[0] < share:
         return share
     return math.nextafter(hashes[0], 1.0)  # holds out the lowest-hashing line(s) only

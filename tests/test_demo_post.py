@@ -56,17 +56,20 @@ def test_mini_study_end_to_end_and_rerun(tmp_path, capsys):
     assert (out / "report.md").read_text().split("## Time")[0] == report.split("## Time")[0]
 
 
-def test_dpo_stage_always_holds_out_a_pair(tmp_path):
+def test_dpo_stage_always_holds_out_a_pair(tmp_path, tiny_tokenizer_path):
     """Few pairs (the mini plan's 5-10) can all hash above 0.25; the DPO stage then raises its held-out fraction
-    just enough for one pair, so its final eval has data (a clean clone once failed here)."""
+    just enough for one pair, so its final eval has data (a clean clone failed here twice): checked on the pair
+    cache the DPO stage builds."""
     from qwenjax.data.chat import heldout_hash
+    from qwenjax.data.pair_batches import build_pair_cache
     from qwenjax.demo_post import dpo_heldout_fraction
 
-    lines = [json.dumps({"k": k}) + "\n" for k in range(200)]
+    lines = [json.dumps({"prompt": f"{k}+1=", "chosen": str(k + 1), "rejected": str(k)}) for k in range(200)]
     high = [x for x in lines if heldout_hash(x) >= 0.25][:7]
     f = tmp_path / "pairs.jsonl"
-    f.write_text("".join(high))
+    f.write_text("".join(x + "\n" for x in high))
     frac = dpo_heldout_fraction(f)
-    assert sum(heldout_hash(x) < frac for x in high) == 1
-    f.write_text("".join(lines[:40]))
+    cache = build_pair_cache([f], tiny_tokenizer_path, tmp_path / "cache", heldout_fraction=frac)
+    assert (cache.num("heldout"), cache.num("train")) == (1, 6)
+    f.write_text("".join(x + "\n" for x in lines[:40]))
     assert dpo_heldout_fraction(f) == 0.25
